@@ -1,0 +1,31 @@
+# The two commands of the README: `make run` and `make test`.
+# Both build the virtualenv on first use (and reinstall when the sources change).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SERVER_NAME ?= localhost:8448
+DATA_DIR ?= devicelist-data
+TRIAL_ARGS ?= tests
+
+SOURCES := setup.cfg pyproject.toml $(shell find devicelist_plugin twisted -name '*.py' -o -name '*.sql')
+
+.PHONY: run test typecheck clean
+
+$(VENV)/.installed: $(SOURCES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet '.[postgres,test,dev]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/twistd -n devicelist --server-name $(SERVER_NAME) --data-dir $(DATA_DIR)
+
+test: $(VENV)/.installed
+	$(BIN)/trial $(TRIAL_ARGS)
+
+typecheck: $(VENV)/.installed
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) build *.egg-info _trial_temp* .mypy_cache .hypothesis

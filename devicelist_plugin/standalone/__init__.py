@@ -1,0 +1,1 @@
+"""The standalone server: configuration and the twistd service tree."""
