@@ -22,7 +22,7 @@ run: $(VENV)/.installed
 	$(BIN)/twistd -n devicelist --server-name $(SERVER_NAME) --data-dir $(DATA_DIR)
 
 test: $(VENV)/.installed
-	$(BIN)/trial $(TRIAL_ARGS)
+	PYTHONPATH=. $(BIN)/trial $(TRIAL_ARGS)
 
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
