@@ -1,0 +1,1 @@
+"""Tests of devicelist_plugin.federation."""
