@@ -1,0 +1,348 @@
+"""The store interface the rest of the plugin programs against.
+
+Conventions for every method:
+
+* it returns a Deferred and never blocks the reactor;
+* a method that writes is exactly one database transaction: it happens
+  entirely or not at all;
+* timestamps are milliseconds passed in by the caller (``now_ms``); the store
+  never reads the clock;
+* every method that changes a local user's device list takes the
+  ``destinations`` that share a room with the user and, in the same
+  transaction, records the change in the user's stream and queues it for
+  each of them (collapsed per destination, user and device);
+* errors raised on purpose are :class:`~devicelist_plugin.storage.errors.StoreError`
+  subclasses; a call with inconsistent arguments fails with ``ValueError``.
+"""
+
+from __future__ import annotations
+
+from typing import Collection, Iterable, Mapping, Optional, Protocol, Sequence
+
+from twisted.internet.defer import Deferred
+
+from devicelist_plugin.core.models import CrossSigningKey, RemoteDevice, UserDevicesResponse
+from devicelist_plugin.storage.types import (
+    ClaimResult,
+    CrossSigningSignature,
+    InflightTransaction,
+    JsonDict,
+    KeyJson,
+    LocalDevice,
+    PendingRow,
+    RemoteSyncState,
+    RetryState,
+    SentItem,
+    ServerKeyFailure,
+    ServerKeyRow,
+    StaleRemoteUser,
+    StreamChange,
+)
+
+
+class IDeviceListStore(Protocol):
+    """Persistent state of the device-list plugin."""
+
+    def close(self) -> "Deferred[None]":
+        """Close the connections and stop the pool's threads."""
+
+    def get_schema_version(self) -> "Deferred[int]":
+        """The schema version of the database."""
+
+    # -- local devices and the device-list stream ------------------------------
+
+    def create_device(
+        self,
+        user_id: str,
+        device_id: str,
+        display_name: Optional[str],
+        now_ms: int,
+        destinations: Collection[str],
+    ) -> "Deferred[int]":
+        """Create a device; return its stream id.  Fails with ``DeviceExistsError``."""
+
+    def rename_device(
+        self,
+        user_id: str,
+        device_id: str,
+        display_name: Optional[str],
+        now_ms: int,
+        destinations: Collection[str],
+    ) -> "Deferred[int]":
+        """Set (or with None remove) a device's display name; return the stream id.
+
+        Fails with ``UnknownDeviceError``.
+        """
+
+    def delete_device(
+        self, user_id: str, device_id: str, now_ms: int, destinations: Collection[str]
+    ) -> "Deferred[int]":
+        """Delete a device with its device, one-time and fallback keys and the
+        signatures made of it; return the stream id of the deletion.
+
+        Fails with ``UnknownDeviceError``.
+        """
+
+    def set_device_keys(
+        self,
+        user_id: str,
+        device_id: str,
+        keys_json: JsonDict,
+        now_ms: int,
+        destinations: Collection[str],
+    ) -> "Deferred[int]":
+        """Store the DeviceKeys object of a device; return the stream id.
+
+        Fails with ``UnknownDeviceError``.
+        """
+
+    def update_device_last_seen(
+        self, user_id: str, device_id: str, now_ms: int
+    ) -> "Deferred[bool]":
+        """Record activity of a device (no stream change); False if unknown."""
+
+    def get_devices(self, user_id: str) -> "Deferred[list[LocalDevice]]":
+        """A local user's devices, ordered by device id."""
+
+    def get_devices_for_users(
+        self, user_ids: Collection[str]
+    ) -> "Deferred[dict[str, list[LocalDevice]]]":
+        """Several users' devices (every requested user is a key)."""
+
+    def get_device(self, user_id: str, device_id: str) -> "Deferred[Optional[LocalDevice]]":
+        """One device, or None."""
+
+    def get_max_stream_id(self, user_id: str) -> "Deferred[Optional[int]]":
+        """The last stream id allocated to the user, None if there was none."""
+
+    def get_stream_since(
+        self, user_id: str, after: int, limit: Optional[int] = None
+    ) -> "Deferred[list[StreamChange]]":
+        """The user's changes with stream id > ``after``, in stream order."""
+
+    # -- keys ------------------------------------------------------------------
+
+    def add_one_time_keys(
+        self, user_id: str, device_id: str, keys: Sequence[tuple[str, str, KeyJson]]
+    ) -> "Deferred[None]":
+        """Add ``(algorithm, key_id, key)`` one-time keys, claimed in this order.
+
+        ``key_id`` is the part after the algorithm (``AAAAHQ`` of
+        ``signed_curve25519:AAAAHQ``).  A key id uploaded again with the same
+        content is ignored; with different content the whole upload fails
+        with ``KeyConflictError``.  Fails with ``UnknownDeviceError``.
+        """
+
+    def count_one_time_keys(self, user_id: str, device_id: str) -> "Deferred[dict[str, int]]":
+        """Unclaimed one-time keys per algorithm (algorithms with none are absent)."""
+
+    def set_fallback_key(
+        self, user_id: str, device_id: str, algorithm: str, key_id: str, key_json: KeyJson
+    ) -> "Deferred[None]":
+        """Replace the device's fallback key for ``algorithm``.
+
+        Uploading the current key again keeps its used mark; a new key is unused.
+        """
+
+    def get_unused_fallback_key_algorithms(
+        self, user_id: str, device_id: str
+    ) -> "Deferred[list[str]]":
+        """Algorithms whose fallback key was never handed out."""
+
+    def claim_keys(self, requests: Collection[tuple[str, str, str]]) -> "Deferred[ClaimResult]":
+        """Claim a key per ``(user_id, device_id, algorithm)``.
+
+        The device's oldest one-time key of that algorithm is removed and
+        returned; no key is ever handed out twice, whatever the concurrency.
+        When none is left the fallback key is returned and marked used (not
+        removed).  Devices with neither are absent from the result, which maps
+        user id -> device id -> ``"<algorithm>:<key_id>"`` -> key.
+        """
+
+    def set_cross_signing_key(
+        self,
+        user_id: str,
+        usage: str,
+        key_json: JsonDict,
+        now_ms: int,
+        destinations: Collection[str],
+    ) -> "Deferred[int]":
+        """Store a cross-signing key (``master``, ``self_signing``, ``user_signing``).
+
+        Logs a ``signing_key`` change in the user's stream and returns its id;
+        only master and self-signing keys are queued for the destinations
+        (user-signing keys are never federated).
+        """
+
+    def get_cross_signing_keys(self, user_id: str) -> "Deferred[dict[str, JsonDict]]":
+        """The user's cross-signing keys by usage."""
+
+    def store_signatures(
+        self,
+        signer_user_id: str,
+        signatures: Sequence[CrossSigningSignature],
+        now_ms: int,
+        destinations: Collection[str],
+    ) -> "Deferred[list[StreamChange]]":
+        """Store signatures uploaded by a local user (a newer one replaces an older).
+
+        A signature of one of the signer's own devices is a change of that
+        device; a signature of another of the signer's own targets (a
+        cross-signing key) is one ``signing_key`` change.  Signatures of other
+        users' keys change nothing that is federated.  Returns the changes.
+        """
+
+    def get_signatures(
+        self, target_user_id: str, target_ids: Optional[Collection[str]] = None
+    ) -> "Deferred[list[CrossSigningSignature]]":
+        """Signatures stored for a user's devices or keys."""
+
+    # -- outbound ----------------------------------------------------------------
+
+    def get_pending(self, destination: str, limit: int) -> "Deferred[list[PendingRow]]":
+        """Up to ``limit`` pending updates for the destination in stream order.
+
+        A limited answer is a prefix of each user's pending updates, and what
+        the limit left out stays pending (Synapse #11727).
+        """
+
+    def get_unreferenced(
+        self, destination: str, user_ids: Collection[str]
+    ) -> "Deferred[dict[str, frozenset[int]]]":
+        """The stream ids last sent to the destination that nothing referenced
+        yet, per user (empty for users with none)."""
+
+    def ack_sent(
+        self,
+        destination: str,
+        sent: Iterable[SentItem],
+        unreferenced_after: Mapping[str, Collection[int]],
+        *,
+        completed_txn_id: Optional[str] = None,
+    ) -> "Deferred[None]":
+        """Record that updates were delivered, atomically.
+
+        Deletes each ``(user_id, device_id, stream_id)`` pending row whose
+        stream id is <= the one sent (a newer change of the device survives),
+        stores the users' unreferenced ids (empty deletes), and when
+        ``completed_txn_id`` is given clears that in-flight transaction.
+        """
+
+    def destinations_with_pending(self) -> "Deferred[list[str]]":
+        """Destinations that have pending updates, sorted."""
+
+    def enqueue_current_devices(
+        self, destination: str, user_id: str, now_ms: int
+    ) -> "Deferred[list[PendingRow]]":
+        """Queue all the user's current devices (and federated cross-signing
+        keys) for a destination that newly shares a room with the user
+        (Synapse #11374), each at its latest stream id.  Returns the rows."""
+
+    def get_inflight_txn(self, destination: str) -> "Deferred[Optional[InflightTransaction]]":
+        """The transaction being sent to the destination, if any."""
+
+    def set_inflight_txn(
+        self, destination: str, txn_id: str, payload: JsonDict
+    ) -> "Deferred[None]":
+        """Persist the transaction about to be sent (retried until a 200)."""
+
+    def clear_inflight_txn(
+        self, destination: str, txn_id: Optional[str] = None
+    ) -> "Deferred[bool]":
+        """Forget the in-flight transaction (only if it is ``txn_id`` when given)."""
+
+    def get_retry_state(self, destination: str) -> "Deferred[Optional[RetryState]]":
+        """The destination's backoff state; None when it is healthy."""
+
+    def set_retry_state(self, destination: str, state: Optional[RetryState]) -> "Deferred[None]":
+        """Store (or with None reset) the destination's backoff state."""
+
+    # -- remote cache ------------------------------------------------------------
+
+    def get_remote_sync_state(self, user_id: str) -> "Deferred[Optional[RemoteSyncState]]":
+        """What is known of a remote user's list; None for an untracked user."""
+
+    def apply_remote_updates(
+        self,
+        user_id: str,
+        upserts: Sequence[RemoteDevice],
+        deletions: Collection[str],
+        new_known_ids: Collection[int],
+    ) -> "Deferred[None]":
+        """Apply a batch of EDUs atomically: upsert and delete devices and
+        replace the known stream ids (trimmed to the newest window).
+
+        Creates the user's sync row if missing.  A device both upserted and
+        deleted is a ``ValueError``: collapse the batch first.
+        """
+
+    def mark_remote_stale(self, user_id: str, reason: str, now_ms: int) -> "Deferred[int]":
+        """Durably mark the user stale; return the new stale generation."""
+
+    def replace_remote_snapshot(
+        self,
+        user_id: str,
+        snapshot: UserDevicesResponse,
+        generation: int,
+        now_ms: int,
+    ) -> "Deferred[bool]":
+        """Replace the user's devices and cross-signing keys by a resync answer.
+
+        Sets the snapshot stream id, empties the known ids and clears stale
+        marks up to ``generation`` (the stale generation read before the
+        resync started; 0 for a user never marked).  Returns True if the user
+        is no longer stale, False if a newer mark was made meanwhile and
+        survives (Synapse #9866).  A snapshot whose generation is below one
+        already applied comes from a resync overtaken by a later one and
+        changes nothing.
+        """
+
+    def get_remote_devices(self, user_id: str) -> "Deferred[list[RemoteDevice]]":
+        """The cached devices of a remote user, ordered by device id."""
+
+    def get_remote_cross_signing_keys(self, user_id: str) -> "Deferred[dict[str, CrossSigningKey]]":
+        """The cached cross-signing keys of a remote user by usage."""
+
+    def set_remote_cross_signing_key(
+        self, user_id: str, usage: str, key: CrossSigningKey
+    ) -> "Deferred[None]":
+        """Cache a remote cross-signing key (from ``m.signing_key_update``)."""
+
+    def drop_remote_user(self, user_id: str) -> "Deferred[None]":
+        """Forget everything about a remote user (Synapse #13651)."""
+
+    def list_stale_remote_users(self) -> "Deferred[list[StaleRemoteUser]]":
+        """Remote users due a resync, longest stale first."""
+
+    # -- server keys ---------------------------------------------------------------
+
+    def store_server_keys(self, server_name: str, keys: Sequence[ServerKeyRow]) -> "Deferred[None]":
+        """Store fetched keys (the latest fetch of a key wins) and clear the
+        server's negative cache entry."""
+
+    def get_server_keys(
+        self, server_name: str, key_ids: Optional[Collection[str]] = None
+    ) -> "Deferred[dict[str, ServerKeyRow]]":
+        """A server's stored keys by key id (all, or those in ``key_ids``)."""
+
+    def get_server_key_failure(self, server_name: str) -> "Deferred[Optional[ServerKeyFailure]]":
+        """The last recorded failure to fetch the server's keys."""
+
+    def set_server_key_failure(self, server_name: str, error: str, now_ms: int) -> "Deferred[None]":
+        """Record a failure to fetch the server's keys."""
+
+    def clear_server_key_failure(self, server_name: str) -> "Deferred[None]":
+        """Forget a recorded failure."""
+
+    # -- received transactions -------------------------------------------------------
+
+    def get_received_txn(self, origin: str, txn_id: str) -> "Deferred[Optional[JsonDict]]":
+        """The response given to an already processed transaction, or None."""
+
+    def store_received_txn(
+        self, origin: str, txn_id: str, response: JsonDict, now_ms: int
+    ) -> "Deferred[bool]":
+        """Remember a processed transaction's response; False if it was already stored."""
+
+    def prune_received_txns(self, older_than_ms: int) -> "Deferred[int]":
+        """Forget transactions received before ``older_than_ms``; return how many."""

@@ -1,0 +1,1180 @@
+"""The store: every query of the plugin, written once for SQLite and PostgreSQL.
+
+Each public method is one database transaction (one :meth:`Database.run`)
+and returns a Deferred; nothing runs on the reactor thread.  Timestamps are
+passed in by the caller (``now_ms``): the store never reads the clock.  The
+methods are documented on :class:`~devicelist_plugin.storage.interface.IDeviceListStore`.
+
+Locking (PostgreSQL, READ COMMITTED writes): every transaction that changes
+a local user's devices or keys starts by allocating the next stream id of
+that user (``INSERT ... ON CONFLICT DO UPDATE SET pos = pos + 1 RETURNING``),
+which locks the user's position row until commit; every write of a remote
+user's cache starts by locking that user's ``remote_sync_state`` row; key
+uploads lock the device row; claims take one-time keys with
+``FOR UPDATE SKIP LOCKED`` so that concurrent claimers never share a key.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Collection, Iterable, Mapping, Optional, Sequence
+
+from twisted.internet.defer import Deferred, fail, succeed
+
+from devicelist_plugin.core.models import (
+    CrossSigningKey,
+    RemoteDevice,
+    UserDevicesResponse,
+)
+from devicelist_plugin.storage import migrations
+from devicelist_plugin.storage.codec import (
+    cross_signing_key_from_json,
+    device_keys_from_json,
+    dumps,
+    loads,
+)
+from devicelist_plugin.storage.engines import Database, Txn
+from devicelist_plugin.storage.errors import (
+    DeviceExistsError,
+    KeyConflictError,
+    UnknownDeviceError,
+)
+from devicelist_plugin.storage.types import (
+    CROSS_SIGNING_USAGES,
+    ClaimResult,
+    FEDERATED_CROSS_SIGNING_USAGES,
+    KIND_DEVICE,
+    KIND_SIGNING_KEY,
+    CrossSigningSignature,
+    InflightTransaction,
+    JsonDict,
+    KeyJson,
+    LocalDevice,
+    PendingRow,
+    RemoteSyncState,
+    RetryState,
+    SentItem,
+    ServerKeyFailure,
+    ServerKeyRow,
+    StaleRemoteUser,
+    StreamChange,
+    StreamKind,
+)
+
+if TYPE_CHECKING:
+    from devicelist_plugin.storage.interface import IDeviceListStore
+
+# How many stream ids of applied EDUs are remembered per remote user.
+DEFAULT_KNOWN_IDS_WINDOW = 100
+# Longest IN (...) list sent in one statement.
+_CHUNK = 500
+
+
+def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" for _ in range(n))
+
+
+def _bad_usage(usage: str) -> Optional[ValueError]:
+    if usage in CROSS_SIGNING_USAGES:
+        return None
+    return ValueError(f"unknown cross-signing key usage {usage!r}")
+
+
+def _pending_device(kind: str, device_id: str) -> Optional[str]:
+    return None if kind == KIND_SIGNING_KEY else device_id
+
+
+class Store:
+    """The SQL implementation of :class:`IDeviceListStore` for both engines."""
+
+    def __init__(
+        self, database: Database, *, known_ids_window: int = DEFAULT_KNOWN_IDS_WINDOW
+    ) -> None:
+        if known_ids_window < 1:
+            raise ValueError("known_ids_window must be at least 1")
+        self.database = database
+        self.known_ids_window = known_ids_window
+
+    @property
+    def engine(self) -> str:
+        """``"sqlite"`` or ``"postgres"``."""
+        return self.database.dialect.name
+
+    def close(self) -> "Deferred[None]":
+        self.database.close()
+        return succeed(None)
+
+    def get_schema_version(self) -> "Deferred[int]":
+        return self.database.run("get_schema_version", migrations.current_version, readonly=True)
+
+    # ------------------------------------------------------------------
+    # Local devices and the device-list stream
+    # ------------------------------------------------------------------
+
+    def _allocate_stream_id(self, t: Txn, user_id: str) -> int:
+        """Next stream id of ``user_id``; locks the user's position row."""
+        row = t.query_one(
+            "INSERT INTO local_stream_positions (user_id, pos) VALUES (?, 1)"
+            " ON CONFLICT (user_id) DO UPDATE SET pos = local_stream_positions.pos + 1"
+            " RETURNING pos",
+            (user_id,),
+        )
+        assert row is not None
+        return int(row[0])
+
+    def _log_change(
+        self,
+        t: Txn,
+        user_id: str,
+        stream_id: int,
+        device_id: Optional[str],
+        kind: StreamKind,
+        now_ms: int,
+        destinations: Collection[str],
+    ) -> StreamChange:
+        t.execute(
+            "INSERT INTO local_device_stream (user_id, stream_id, device_id, kind, ts)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (user_id, stream_id, device_id, kind, now_ms),
+        )
+        self._enqueue_pending(t, destinations, user_id, device_id, stream_id, now_ms)
+        return StreamChange(user_id, stream_id, device_id, kind, now_ms)
+
+    def _enqueue_pending(
+        self,
+        t: Txn,
+        destinations: Collection[str],
+        user_id: str,
+        device_id: Optional[str],
+        stream_id: int,
+        now_ms: int,
+    ) -> None:
+        """Upsert pending rows, keeping the larger stream id per (dest, user, device)."""
+        kind = KIND_DEVICE if device_id is not None else KIND_SIGNING_KEY
+        greatest = t.dialect.greatest("outbound_pending.stream_id", "excluded.stream_id")
+        t.executemany(
+            "INSERT INTO outbound_pending"
+            " (destination, user_id, kind, device_id, stream_id, queued_ts)"
+            " VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (destination, user_id, kind, device_id) DO UPDATE SET"
+            f" stream_id = {greatest},"
+            " queued_ts = CASE WHEN excluded.stream_id > outbound_pending.stream_id"
+            " THEN excluded.queued_ts ELSE outbound_pending.queued_ts END",
+            [
+                (destination, user_id, kind, device_id or "", stream_id, now_ms)
+                for destination in sorted(set(destinations))
+            ],
+        )
+
+    def _device_exists(self, t: Txn, user_id: str, device_id: str, *, lock: bool = False) -> bool:
+        suffix = t.dialect.for_update if lock else ""
+        row = t.query_one(
+            f"SELECT 1 FROM local_devices WHERE user_id = ? AND device_id = ?{suffix}",
+            (user_id, device_id),
+        )
+        return row is not None
+
+    def create_device(
+        self,
+        user_id: str,
+        device_id: str,
+        display_name: Optional[str],
+        now_ms: int,
+        destinations: Collection[str],
+    ) -> "Deferred[int]":
+        if not device_id:
+            return fail(ValueError("device_id must not be empty"))
+
+        def txn(t: Txn) -> int:
+            stream_id = self._allocate_stream_id(t, user_id)
+            if self._device_exists(t, user_id, device_id):
+                raise DeviceExistsError(user_id, device_id)
+            t.execute(
+                "INSERT INTO local_devices (user_id, device_id, display_name, created_ts)"
+                " VALUES (?, ?, ?, ?)",
+                (user_id, device_id, display_name, now_ms),
+            )
+            self._log_change(t, user_id, stream_id, device_id, KIND_DEVICE, now_ms, destinations)
+            return stream_id
+
+        return self.database.run("create_device", txn)
+
+    def rename_device(
+        self,
+        user_id: str,
+        device_id: str,
+        display_name: Optional[str],
+        now_ms: int,
+        destinations: Collection[str],
+    ) -> "Deferred[int]":
+        def txn(t: Txn) -> int:
+            stream_id = self._allocate_stream_id(t, user_id)
+            t.execute(
+                "UPDATE local_devices SET display_name = ? WHERE user_id = ? AND device_id = ?",
+                (display_name, user_id, device_id),
+            )
+            if t.rowcount == 0:
+                raise UnknownDeviceError(user_id, device_id)
+            self._log_change(t, user_id, stream_id, device_id, KIND_DEVICE, now_ms, destinations)
+            return stream_id
+
+        return self.database.run("rename_device", txn)
+
+    def delete_device(
+        self,
+        user_id: str,
+        device_id: str,
+        now_ms: int,
+        destinations: Collection[str],
+    ) -> "Deferred[int]":
+        def txn(t: Txn) -> int:
+            stream_id = self._allocate_stream_id(t, user_id)
+            if not self._device_exists(t, user_id, device_id):
+                raise UnknownDeviceError(user_id, device_id)
+            key = (user_id, device_id)
+            for table in ("local_device_keys", "local_one_time_keys", "local_fallback_keys"):
+                t.execute(f"DELETE FROM {table} WHERE user_id = ? AND device_id = ?", key)
+            t.execute(
+                "DELETE FROM local_cross_signing_signatures"
+                " WHERE target_user_id = ? AND target_id = ?",
+                key,
+            )
+            t.execute("DELETE FROM local_devices WHERE user_id = ? AND device_id = ?", key)
+            self._log_change(t, user_id, stream_id, device_id, KIND_DEVICE, now_ms, destinations)
+            return stream_id
+
+        return self.database.run("delete_device", txn)
+
+    def set_device_keys(
+        self,
+        user_id: str,
+        device_id: str,
+        keys_json: JsonDict,
+        now_ms: int,
+        destinations: Collection[str],
+    ) -> "Deferred[int]":
+        text = dumps(keys_json)
+
+        def txn(t: Txn) -> int:
+            stream_id = self._allocate_stream_id(t, user_id)
+            if not self._device_exists(t, user_id, device_id):
+                raise UnknownDeviceError(user_id, device_id)
+            t.execute(
+                "INSERT INTO local_device_keys (user_id, device_id, keys_json, updated_ts)"
+                " VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (user_id, device_id) DO UPDATE SET"
+                " keys_json = excluded.keys_json, updated_ts = excluded.updated_ts",
+                (user_id, device_id, text, now_ms),
+            )
+            self._log_change(t, user_id, stream_id, device_id, KIND_DEVICE, now_ms, destinations)
+            return stream_id
+
+        return self.database.run("set_device_keys", txn)
+
+    def update_device_last_seen(
+        self, user_id: str, device_id: str, now_ms: int
+    ) -> "Deferred[bool]":
+        def txn(t: Txn) -> bool:
+            t.execute(
+                "UPDATE local_devices SET last_seen_ts = ? WHERE user_id = ? AND device_id = ?",
+                (now_ms, user_id, device_id),
+            )
+            return t.rowcount > 0
+
+        return self.database.run("update_device_last_seen", txn)
+
+    _DEVICE_COLUMNS = (
+        "SELECT d.user_id, d.device_id, d.display_name, k.keys_json, d.created_ts, d.last_seen_ts"
+        " FROM local_devices d LEFT JOIN local_device_keys k"
+        " ON k.user_id = d.user_id AND k.device_id = d.device_id"
+    )
+
+    @staticmethod
+    def _local_device(row: Sequence[Any]) -> LocalDevice:
+        return LocalDevice(
+            user_id=row[0],
+            device_id=row[1],
+            display_name=row[2],
+            keys_json=None if row[3] is None else loads(row[3]),
+            created_ts=int(row[4]),
+            last_seen_ts=None if row[5] is None else int(row[5]),
+        )
+
+    def get_devices(self, user_id: str) -> "Deferred[list[LocalDevice]]":
+        def txn(t: Txn) -> list[LocalDevice]:
+            rows = t.query(
+                f"{self._DEVICE_COLUMNS} WHERE d.user_id = ? ORDER BY d.device_id", (user_id,)
+            )
+            return [self._local_device(r) for r in rows]
+
+        return self.database.run("get_devices", txn, readonly=True)
+
+    def get_devices_for_users(
+        self, user_ids: Collection[str]
+    ) -> "Deferred[dict[str, list[LocalDevice]]]":
+        wanted = sorted(set(user_ids))
+
+        def txn(t: Txn) -> dict[str, list[LocalDevice]]:
+            result: dict[str, list[LocalDevice]] = {u: [] for u in wanted}
+            for chunk in _chunks(wanted):
+                rows = t.query(
+                    f"{self._DEVICE_COLUMNS} WHERE d.user_id IN ({_marks(len(chunk))})"
+                    " ORDER BY d.user_id, d.device_id",
+                    chunk,
+                )
+                for row in rows:
+                    result[row[0]].append(self._local_device(row))
+            return result
+
+        return self.database.run("get_devices_for_users", txn, readonly=True)
+
+    def get_device(self, user_id: str, device_id: str) -> "Deferred[Optional[LocalDevice]]":
+        def txn(t: Txn) -> Optional[LocalDevice]:
+            row = t.query_one(
+                f"{self._DEVICE_COLUMNS} WHERE d.user_id = ? AND d.device_id = ?",
+                (user_id, device_id),
+            )
+            return None if row is None else self._local_device(row)
+
+        return self.database.run("get_device", txn, readonly=True)
+
+    def get_max_stream_id(self, user_id: str) -> "Deferred[Optional[int]]":
+        def txn(t: Txn) -> Optional[int]:
+            row = t.query_one(
+                "SELECT pos FROM local_stream_positions WHERE user_id = ?", (user_id,)
+            )
+            return None if row is None else int(row[0])
+
+        return self.database.run("get_max_stream_id", txn, readonly=True)
+
+    def get_stream_since(
+        self, user_id: str, after: int, limit: Optional[int] = None
+    ) -> "Deferred[list[StreamChange]]":
+        def txn(t: Txn) -> list[StreamChange]:
+            sql = (
+                "SELECT stream_id, device_id, kind, ts FROM local_device_stream"
+                " WHERE user_id = ? AND stream_id > ? ORDER BY stream_id"
+            )
+            params: list[Any] = [user_id, after]
+            if limit is not None:
+                sql += " LIMIT ?"
+                params.append(limit)
+            return [
+                StreamChange(user_id, int(sid), device_id, kind, int(ts))
+                for sid, device_id, kind, ts in t.query(sql, params)
+            ]
+
+        return self.database.run("get_stream_since", txn, readonly=True)
+
+    # ------------------------------------------------------------------
+    # One-time, fallback and cross-signing keys
+    # ------------------------------------------------------------------
+
+    def add_one_time_keys(
+        self,
+        user_id: str,
+        device_id: str,
+        keys: Sequence[tuple[str, str, KeyJson]],
+    ) -> "Deferred[None]":
+        batch = [(algorithm, key_id, dumps(key_json)) for algorithm, key_id, key_json in keys]
+
+        def txn(t: Txn) -> None:
+            if not self._device_exists(t, user_id, device_id, lock=True):
+                raise UnknownDeviceError(user_id, device_id)
+            existing = {
+                (algorithm, key_id): text
+                for algorithm, key_id, text in t.query(
+                    "SELECT algorithm, key_id, key_json FROM local_one_time_keys"
+                    " WHERE user_id = ? AND device_id = ?",
+                    (user_id, device_id),
+                )
+            }
+            new = []
+            for algorithm, key_id, text in batch:
+                known = existing.get((algorithm, key_id))
+                if known is None:
+                    existing[(algorithm, key_id)] = text
+                    new.append((user_id, device_id, algorithm, key_id, text))
+                elif known != text:
+                    raise KeyConflictError(user_id, device_id, algorithm, key_id)
+            # executemany keeps the list order, which is the claim order.
+            t.executemany(
+                "INSERT INTO local_one_time_keys (user_id, device_id, algorithm, key_id, key_json)"
+                " VALUES (?, ?, ?, ?, ?)",
+                new,
+            )
+
+        return self.database.run("add_one_time_keys", txn)
+
+    def count_one_time_keys(self, user_id: str, device_id: str) -> "Deferred[dict[str, int]]":
+        def txn(t: Txn) -> dict[str, int]:
+            rows = t.query(
+                "SELECT algorithm, COUNT(*) FROM local_one_time_keys"
+                " WHERE user_id = ? AND device_id = ? GROUP BY algorithm",
+                (user_id, device_id),
+            )
+            return {algorithm: int(n) for algorithm, n in rows}
+
+        return self.database.run("count_one_time_keys", txn, readonly=True)
+
+    def set_fallback_key(
+        self,
+        user_id: str,
+        device_id: str,
+        algorithm: str,
+        key_id: str,
+        key_json: KeyJson,
+    ) -> "Deferred[None]":
+        text = dumps(key_json)
+
+        def txn(t: Txn) -> None:
+            if not self._device_exists(t, user_id, device_id, lock=True):
+                raise UnknownDeviceError(user_id, device_id)
+            # The same key uploaded again keeps its "used" mark; a new key is unused.
+            t.execute(
+                "INSERT INTO local_fallback_keys"
+                " (user_id, device_id, algorithm, key_id, key_json, used)"
+                " VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (user_id, device_id, algorithm) DO UPDATE SET"
+                " used = CASE WHEN local_fallback_keys.key_id = excluded.key_id"
+                " AND local_fallback_keys.key_json = excluded.key_json"
+                " THEN local_fallback_keys.used ELSE excluded.used END,"
+                " key_id = excluded.key_id, key_json = excluded.key_json",
+                (user_id, device_id, algorithm, key_id, text, False),
+            )
+
+        return self.database.run("set_fallback_key", txn)
+
+    def get_unused_fallback_key_algorithms(
+        self, user_id: str, device_id: str
+    ) -> "Deferred[list[str]]":
+        def txn(t: Txn) -> list[str]:
+            rows = t.query(
+                "SELECT algorithm FROM local_fallback_keys"
+                " WHERE user_id = ? AND device_id = ? AND used = ? ORDER BY algorithm",
+                (user_id, device_id, False),
+            )
+            return [r[0] for r in rows]
+
+        return self.database.run("get_unused_fallback_key_algorithms", txn, readonly=True)
+
+    def claim_keys(self, requests: Collection[tuple[str, str, str]]) -> "Deferred[ClaimResult]":
+        # A fixed order keeps concurrent claimers from deadlocking on fallback rows.
+        wanted = sorted(set(requests))
+
+        def txn(t: Txn) -> ClaimResult:
+            claimed: ClaimResult = {}
+            skip_locked = t.dialect.for_update_skip_locked
+            for user_id, device_id, algorithm in wanted:
+                row = t.query_one(
+                    "DELETE FROM local_one_time_keys WHERE seq = ("
+                    " SELECT seq FROM local_one_time_keys"
+                    " WHERE user_id = ? AND device_id = ? AND algorithm = ?"
+                    f" ORDER BY seq LIMIT 1{skip_locked})"
+                    " RETURNING key_id, key_json",
+                    (user_id, device_id, algorithm),
+                )
+                if row is None:
+                    row = t.query_one(
+                        "UPDATE local_fallback_keys SET used = ?"
+                        " WHERE user_id = ? AND device_id = ? AND algorithm = ?"
+                        " RETURNING key_id, key_json",
+                        (True, user_id, device_id, algorithm),
+                    )
+                if row is not None:
+                    key_id, text = row
+                    device_keys = claimed.setdefault(user_id, {}).setdefault(device_id, {})
+                    device_keys[f"{algorithm}:{key_id}"] = loads(text)
+            return claimed
+
+        return self.database.run("claim_keys", txn)
+
+    def set_cross_signing_key(
+        self,
+        user_id: str,
+        usage: str,
+        key_json: JsonDict,
+        now_ms: int,
+        destinations: Collection[str],
+    ) -> "Deferred[int]":
+        error = _bad_usage(usage)
+        if error is not None:
+            return fail(error)
+        text = dumps(key_json)
+        # user-signing keys are private to their owner: logged, not federated.
+        targets = destinations if usage in FEDERATED_CROSS_SIGNING_USAGES else ()
+
+        def txn(t: Txn) -> int:
+            stream_id = self._allocate_stream_id(t, user_id)
+            t.execute(
+                "INSERT INTO local_cross_signing_keys (user_id, usage, key_json, updated_ts)"
+                " VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (user_id, usage) DO UPDATE SET"
+                " key_json = excluded.key_json, updated_ts = excluded.updated_ts",
+                (user_id, usage, text, now_ms),
+            )
+            self._log_change(t, user_id, stream_id, None, KIND_SIGNING_KEY, now_ms, targets)
+            return stream_id
+
+        return self.database.run("set_cross_signing_key", txn)
+
+    def get_cross_signing_keys(self, user_id: str) -> "Deferred[dict[str, JsonDict]]":
+        def txn(t: Txn) -> dict[str, JsonDict]:
+            rows = t.query(
+                "SELECT usage, key_json FROM local_cross_signing_keys WHERE user_id = ?",
+                (user_id,),
+            )
+            return {usage: loads(text) for usage, text in rows}
+
+        return self.database.run("get_cross_signing_keys", txn, readonly=True)
+
+    def store_signatures(
+        self,
+        signer_user_id: str,
+        signatures: Sequence[CrossSigningSignature],
+        now_ms: int,
+        destinations: Collection[str],
+    ) -> "Deferred[list[StreamChange]]":
+        for signature in signatures:
+            if signature.signer_user_id != signer_user_id:
+                return fail(
+                    ValueError(
+                        f"signature by {signature.signer_user_id!r} passed as one by "
+                        f"{signer_user_id!r}"
+                    )
+                )
+        own_targets = sorted(
+            {s.target_id for s in signatures if s.target_user_id == signer_user_id}
+        )
+
+        def txn(t: Txn) -> list[StreamChange]:
+            own_devices: set[str] = set()
+            for chunk in _chunks(own_targets):
+                own_devices.update(
+                    r[0]
+                    for r in t.query(
+                        "SELECT device_id FROM local_devices WHERE user_id = ?"
+                        f" AND device_id IN ({_marks(len(chunk))})",
+                        [signer_user_id, *chunk],
+                    )
+                )
+            t.executemany(
+                "INSERT INTO local_cross_signing_signatures"
+                " (signer_user_id, signer_key_id, target_user_id, target_id, signature)"
+                " VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (target_user_id, target_id, signer_user_id, signer_key_id)"
+                " DO UPDATE SET signature = excluded.signature",
+                [
+                    (s.signer_user_id, s.signer_key_id, s.target_user_id, s.target_id, s.signature)
+                    for s in signatures
+                ],
+            )
+            changes = []
+            for device_id in sorted(own_devices):
+                stream_id = self._allocate_stream_id(t, signer_user_id)
+                changes.append(
+                    self._log_change(
+                        t, signer_user_id, stream_id, device_id, KIND_DEVICE, now_ms, destinations
+                    )
+                )
+            if any(target not in own_devices for target in own_targets):
+                # a signature of one of the signer's own cross-signing keys
+                stream_id = self._allocate_stream_id(t, signer_user_id)
+                changes.append(
+                    self._log_change(
+                        t, signer_user_id, stream_id, None, KIND_SIGNING_KEY, now_ms, destinations
+                    )
+                )
+            return changes
+
+        return self.database.run("store_signatures", txn)
+
+    def get_signatures(
+        self, target_user_id: str, target_ids: Optional[Collection[str]] = None
+    ) -> "Deferred[list[CrossSigningSignature]]":
+        def txn(t: Txn) -> list[CrossSigningSignature]:
+            rows = t.query(
+                "SELECT signer_user_id, signer_key_id, target_user_id, target_id, signature"
+                " FROM local_cross_signing_signatures WHERE target_user_id = ?"
+                " ORDER BY target_id, signer_user_id, signer_key_id",
+                (target_user_id,),
+            )
+            result = [CrossSigningSignature(*r) for r in rows]
+            if target_ids is not None:
+                wanted = set(target_ids)
+                result = [s for s in result if s.target_id in wanted]
+            return result
+
+        return self.database.run("get_signatures", txn, readonly=True)
+
+    # ------------------------------------------------------------------
+    # Outbound
+    # ------------------------------------------------------------------
+
+    def get_pending(self, destination: str, limit: int) -> "Deferred[list[PendingRow]]":
+        def txn(t: Txn) -> list[PendingRow]:
+            rows = t.query(
+                "SELECT user_id, kind, device_id, stream_id FROM outbound_pending"
+                " WHERE destination = ?"
+                " ORDER BY stream_id, user_id, kind, device_id LIMIT ?",
+                (destination, limit),
+            )
+            return [
+                PendingRow(user_id, _pending_device(kind, device_id), int(stream_id))
+                for user_id, kind, device_id, stream_id in rows
+            ]
+
+        return self.database.run("get_pending", txn, readonly=True)
+
+    def get_unreferenced(
+        self, destination: str, user_ids: Collection[str]
+    ) -> "Deferred[dict[str, frozenset[int]]]":
+        wanted = sorted(set(user_ids))
+
+        def txn(t: Txn) -> dict[str, frozenset[int]]:
+            result = {user_id: frozenset[int]() for user_id in wanted}
+            for chunk in _chunks(wanted):
+                rows = t.query(
+                    "SELECT user_id, stream_ids_json FROM outbound_unreferenced"
+                    f" WHERE destination = ? AND user_id IN ({_marks(len(chunk))})",
+                    [destination, *chunk],
+                )
+                for user_id, text in rows:
+                    result[user_id] = frozenset(int(i) for i in loads(text))
+            return result
+
+        return self.database.run("get_unreferenced", txn, readonly=True)
+
+    def ack_sent(
+        self,
+        destination: str,
+        sent: Iterable[SentItem],
+        unreferenced_after: Mapping[str, Collection[int]],
+        *,
+        completed_txn_id: Optional[str] = None,
+    ) -> "Deferred[None]":
+        rows = []
+        for item in sent:
+            if isinstance(item, PendingRow):
+                user_id, device_id, stream_id = item.user_id, item.device_id, item.stream_id
+            else:
+                user_id, device_id, stream_id = item
+            kind = KIND_DEVICE if device_id is not None else KIND_SIGNING_KEY
+            rows.append((destination, user_id, kind, device_id or "", stream_id))
+        unreferenced = {u: sorted(set(ids)) for u, ids in unreferenced_after.items()}
+
+        def txn(t: Txn) -> None:
+            # A change made after the one sent has a larger stream id and survives.
+            t.executemany(
+                "DELETE FROM outbound_pending WHERE destination = ? AND user_id = ?"
+                " AND kind = ? AND device_id = ? AND stream_id <= ?",
+                rows,
+            )
+            t.executemany(
+                "INSERT INTO outbound_unreferenced (destination, user_id, stream_ids_json)"
+                " VALUES (?, ?, ?) ON CONFLICT (destination, user_id)"
+                " DO UPDATE SET stream_ids_json = excluded.stream_ids_json",
+                [(destination, u, dumps(ids)) for u, ids in sorted(unreferenced.items()) if ids],
+            )
+            t.executemany(
+                "DELETE FROM outbound_unreferenced WHERE destination = ? AND user_id = ?",
+                [(destination, u) for u, ids in sorted(unreferenced.items()) if not ids],
+            )
+            if completed_txn_id is not None:
+                self._clear_inflight(t, destination, completed_txn_id)
+
+        return self.database.run("ack_sent", txn)
+
+    def destinations_with_pending(self) -> "Deferred[list[str]]":
+        def txn(t: Txn) -> list[str]:
+            rows = t.query("SELECT DISTINCT destination FROM outbound_pending ORDER BY destination")
+            return [r[0] for r in rows]
+
+        return self.database.run("destinations_with_pending", txn, readonly=True)
+
+    def enqueue_current_devices(
+        self, destination: str, user_id: str, now_ms: int
+    ) -> "Deferred[list[PendingRow]]":
+        def txn(t: Txn) -> list[PendingRow]:
+            # Lock the user's stream so that no change commits half-seen.
+            row = t.query_one(
+                f"SELECT pos FROM local_stream_positions WHERE user_id = ?{t.dialect.for_update}",
+                (user_id,),
+            )
+            if row is None:
+                return []
+            position = int(row[0])
+            latest: dict[Optional[str], int] = {}
+            for device_id, stream_id in t.query(
+                "SELECT d.device_id, (SELECT MAX(s.stream_id) FROM local_device_stream s"
+                " WHERE s.user_id = d.user_id AND s.device_id = d.device_id AND s.kind = ?)"
+                " FROM local_devices d WHERE d.user_id = ?",
+                (KIND_DEVICE, user_id),
+            ):
+                latest[device_id] = position if stream_id is None else int(stream_id)
+            has_keys = t.query_one(
+                "SELECT 1 FROM local_cross_signing_keys WHERE user_id = ?"
+                f" AND usage IN ({_marks(len(FEDERATED_CROSS_SIGNING_USAGES))})",
+                [user_id, *FEDERATED_CROSS_SIGNING_USAGES],
+            )
+            if has_keys is not None:
+                key_row = t.query_one(
+                    "SELECT MAX(stream_id) FROM local_device_stream WHERE user_id = ? AND kind = ?",
+                    (user_id, KIND_SIGNING_KEY),
+                )
+                latest[None] = (
+                    position if key_row is None or key_row[0] is None else int(key_row[0])
+                )
+            for device_id, stream_id in latest.items():
+                self._enqueue_pending(t, (destination,), user_id, device_id, stream_id, now_ms)
+            return sorted(
+                (PendingRow(user_id, d, s) for d, s in latest.items()),
+                key=lambda p: (p.stream_id, p.device_id or ""),
+            )
+
+        return self.database.run("enqueue_current_devices", txn)
+
+    def _clear_inflight(self, t: Txn, destination: str, txn_id: Optional[str]) -> bool:
+        sql = (
+            "UPDATE outbound_destinations SET inflight_txn_id = NULL, inflight_payload_json = NULL"
+            " WHERE destination = ? AND inflight_txn_id IS NOT NULL"
+        )
+        params: list[Any] = [destination]
+        if txn_id is not None:
+            sql += " AND inflight_txn_id = ?"
+            params.append(txn_id)
+        t.execute(sql, params)
+        return t.rowcount > 0
+
+    def get_inflight_txn(self, destination: str) -> "Deferred[Optional[InflightTransaction]]":
+        def txn(t: Txn) -> Optional[InflightTransaction]:
+            row = t.query_one(
+                "SELECT inflight_txn_id, inflight_payload_json FROM outbound_destinations"
+                " WHERE destination = ? AND inflight_txn_id IS NOT NULL",
+                (destination,),
+            )
+            return None if row is None else InflightTransaction(row[0], loads(row[1]))
+
+        return self.database.run("get_inflight_txn", txn, readonly=True)
+
+    def set_inflight_txn(
+        self, destination: str, txn_id: str, payload: JsonDict
+    ) -> "Deferred[None]":
+        text = dumps(payload)
+
+        def txn(t: Txn) -> None:
+            t.execute(
+                "INSERT INTO outbound_destinations"
+                " (destination, inflight_txn_id, inflight_payload_json) VALUES (?, ?, ?)"
+                " ON CONFLICT (destination) DO UPDATE SET"
+                " inflight_txn_id = excluded.inflight_txn_id,"
+                " inflight_payload_json = excluded.inflight_payload_json",
+                (destination, txn_id, text),
+            )
+
+        return self.database.run("set_inflight_txn", txn)
+
+    def clear_inflight_txn(
+        self, destination: str, txn_id: Optional[str] = None
+    ) -> "Deferred[bool]":
+        return self.database.run(
+            "clear_inflight_txn", lambda t: self._clear_inflight(t, destination, txn_id)
+        )
+
+    def get_retry_state(self, destination: str) -> "Deferred[Optional[RetryState]]":
+        def txn(t: Txn) -> Optional[RetryState]:
+            row = t.query_one(
+                "SELECT failure_ts, retry_last_ts, retry_interval_ms FROM outbound_destinations"
+                " WHERE destination = ?",
+                (destination,),
+            )
+            if row is None or (row[0] is None and row[1] is None and not row[2]):
+                return None
+            return RetryState(
+                failure_ts=None if row[0] is None else int(row[0]),
+                retry_last_ts=None if row[1] is None else int(row[1]),
+                retry_interval_ms=int(row[2]),
+            )
+
+        return self.database.run("get_retry_state", txn, readonly=True)
+
+    def set_retry_state(self, destination: str, state: Optional[RetryState]) -> "Deferred[None]":
+        values = (
+            (None, None, 0)
+            if state is None
+            else (state.failure_ts, state.retry_last_ts, state.retry_interval_ms)
+        )
+
+        def txn(t: Txn) -> None:
+            t.execute(
+                "INSERT INTO outbound_destinations"
+                " (destination, failure_ts, retry_last_ts, retry_interval_ms) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (destination) DO UPDATE SET failure_ts = excluded.failure_ts,"
+                " retry_last_ts = excluded.retry_last_ts,"
+                " retry_interval_ms = excluded.retry_interval_ms",
+                (destination, *values),
+            )
+
+        return self.database.run("set_retry_state", txn)
+
+    # ------------------------------------------------------------------
+    # Remote cache
+    # ------------------------------------------------------------------
+
+    def _lock_remote_user(self, t: Txn, user_id: str) -> tuple[int, int]:
+        """Create-or-lock the user's sync row; return (stale_generation, cleared_generation)."""
+        row = t.query_one(
+            "INSERT INTO remote_sync_state (user_id) VALUES (?)"
+            " ON CONFLICT (user_id) DO UPDATE SET user_id = excluded.user_id"
+            " RETURNING stale_generation, cleared_generation",
+            (user_id,),
+        )
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    def _replace_known_ids(self, t: Txn, user_id: str, known_ids: Collection[int]) -> None:
+        t.execute("DELETE FROM remote_known_stream_ids WHERE user_id = ?", (user_id,))
+        kept = sorted(set(known_ids))[-self.known_ids_window :]
+        t.executemany(
+            "INSERT INTO remote_known_stream_ids (user_id, stream_id) VALUES (?, ?)",
+            [(user_id, stream_id) for stream_id in kept],
+        )
+
+    @staticmethod
+    def _remote_device_row(user_id: str, device: RemoteDevice) -> tuple[Any, ...]:
+        keys = None if device.keys is None else dumps(device.keys.raw)
+        return (user_id, device.device_id, device.display_name, keys)
+
+    def get_remote_sync_state(self, user_id: str) -> "Deferred[Optional[RemoteSyncState]]":
+        def txn(t: Txn) -> Optional[RemoteSyncState]:
+            row = t.query_one(
+                "SELECT snapshot_stream_id, stale_generation, cleared_generation, stale_reason,"
+                " stale_since_ts, last_resync_ts FROM remote_sync_state WHERE user_id = ?",
+                (user_id,),
+            )
+            if row is None:
+                return None
+            known = t.query(
+                "SELECT stream_id FROM remote_known_stream_ids WHERE user_id = ?", (user_id,)
+            )
+            return RemoteSyncState(
+                user_id=user_id,
+                snapshot_stream_id=None if row[0] is None else int(row[0]),
+                known_ids=frozenset(int(r[0]) for r in known),
+                stale_generation=int(row[1]),
+                cleared_generation=int(row[2]),
+                stale_reason=row[3],
+                stale_since_ts=None if row[4] is None else int(row[4]),
+                last_resync_ts=None if row[5] is None else int(row[5]),
+            )
+
+        return self.database.run("get_remote_sync_state", txn, readonly=True)
+
+    def apply_remote_updates(
+        self,
+        user_id: str,
+        upserts: Sequence[RemoteDevice],
+        deletions: Collection[str],
+        new_known_ids: Collection[int],
+    ) -> "Deferred[None]":
+        overlap = {d.device_id for d in upserts} & set(deletions)
+        if overlap:
+            return fail(ValueError(f"devices both updated and deleted: {sorted(overlap)}"))
+        rows = [self._remote_device_row(user_id, d) for d in upserts]
+
+        def txn(t: Txn) -> None:
+            self._lock_remote_user(t, user_id)
+            t.executemany(
+                "INSERT INTO remote_devices (user_id, device_id, display_name, keys_json)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (user_id, device_id) DO UPDATE SET"
+                " display_name = excluded.display_name, keys_json = excluded.keys_json",
+                rows,
+            )
+            t.executemany(
+                "DELETE FROM remote_devices WHERE user_id = ? AND device_id = ?",
+                [(user_id, device_id) for device_id in sorted(set(deletions))],
+            )
+            self._replace_known_ids(t, user_id, new_known_ids)
+
+        return self.database.run("apply_remote_updates", txn)
+
+    def mark_remote_stale(self, user_id: str, reason: str, now_ms: int) -> "Deferred[int]":
+        def txn(t: Txn) -> int:
+            row = t.query_one(
+                "INSERT INTO remote_sync_state"
+                " (user_id, stale_generation, stale_reason, stale_since_ts) VALUES (?, 1, ?, ?)"
+                " ON CONFLICT (user_id) DO UPDATE SET"
+                " stale_generation = remote_sync_state.stale_generation + 1,"
+                " stale_reason = excluded.stale_reason,"
+                " stale_since_ts = CASE"
+                " WHEN remote_sync_state.stale_generation > remote_sync_state.cleared_generation"
+                " THEN remote_sync_state.stale_since_ts ELSE excluded.stale_since_ts END"
+                " RETURNING stale_generation",
+                (user_id, reason, now_ms),
+            )
+            assert row is not None
+            return int(row[0])
+
+        return self.database.run("mark_remote_stale", txn)
+
+    def replace_remote_snapshot(
+        self,
+        user_id: str,
+        snapshot: UserDevicesResponse,
+        generation: int,
+        now_ms: int,
+    ) -> "Deferred[bool]":
+        if snapshot.user_id != user_id:
+            return fail(ValueError(f"snapshot of {snapshot.user_id!r} passed for {user_id!r}"))
+        device_rows = [self._remote_device_row(user_id, d) for d in snapshot.devices]
+        key_rows = [
+            (user_id, usage, dumps(key.raw))
+            for usage, key in (
+                ("master", snapshot.master_key),
+                ("self_signing", snapshot.self_signing_key),
+            )
+            if key is not None
+        ]
+
+        def txn(t: Txn) -> bool:
+            stale_generation, cleared_generation = self._lock_remote_user(t, user_id)
+            if generation < cleared_generation:
+                # A resync that started later already stored its answer: this
+                # older one must not overwrite it.
+                return stale_generation <= cleared_generation
+            t.execute("DELETE FROM remote_devices WHERE user_id = ?", (user_id,))
+            t.insert_many(
+                "remote_devices", ("user_id", "device_id", "display_name", "keys_json"), device_rows
+            )
+            t.execute("DELETE FROM remote_cross_signing_keys WHERE user_id = ?", (user_id,))
+            t.insert_many("remote_cross_signing_keys", ("user_id", "usage", "key_json"), key_rows)
+            self._replace_known_ids(t, user_id, ())
+            # Clear only the marks this resync started from (Synapse #9866).
+            cleared = max(cleared_generation, min(generation, stale_generation))
+            still_stale = stale_generation > cleared
+            t.execute(
+                "UPDATE remote_sync_state SET snapshot_stream_id = ?, cleared_generation = ?,"
+                " last_resync_ts = ?,"
+                " stale_reason = CASE WHEN ? THEN stale_reason ELSE NULL END,"
+                " stale_since_ts = CASE WHEN ? THEN stale_since_ts ELSE NULL END"
+                " WHERE user_id = ?",
+                (snapshot.stream_id, cleared, now_ms, still_stale, still_stale, user_id),
+            )
+            return not still_stale
+
+        return self.database.run("replace_remote_snapshot", txn)
+
+    def get_remote_devices(self, user_id: str) -> "Deferred[list[RemoteDevice]]":
+        def txn(t: Txn) -> list[RemoteDevice]:
+            rows = t.query(
+                "SELECT device_id, display_name, keys_json FROM remote_devices"
+                " WHERE user_id = ? ORDER BY device_id",
+                (user_id,),
+            )
+            return [
+                RemoteDevice(
+                    device_id=device_id,
+                    keys=(
+                        None
+                        if text is None
+                        else device_keys_from_json(loads(text), user_id, device_id)
+                    ),
+                    display_name=display_name,
+                )
+                for device_id, display_name, text in rows
+            ]
+
+        return self.database.run("get_remote_devices", txn, readonly=True)
+
+    def get_remote_cross_signing_keys(self, user_id: str) -> "Deferred[dict[str, CrossSigningKey]]":
+        def txn(t: Txn) -> dict[str, CrossSigningKey]:
+            rows = t.query(
+                "SELECT usage, key_json FROM remote_cross_signing_keys WHERE user_id = ?",
+                (user_id,),
+            )
+            return {
+                usage: cross_signing_key_from_json(loads(text), user_id) for usage, text in rows
+            }
+
+        return self.database.run("get_remote_cross_signing_keys", txn, readonly=True)
+
+    def set_remote_cross_signing_key(
+        self, user_id: str, usage: str, key: CrossSigningKey
+    ) -> "Deferred[None]":
+        error = _bad_usage(usage)
+        if error is not None:
+            return fail(error)
+        text = dumps(key.raw)
+
+        def txn(t: Txn) -> None:
+            self._lock_remote_user(t, user_id)
+            t.execute(
+                "INSERT INTO remote_cross_signing_keys (user_id, usage, key_json) VALUES (?, ?, ?)"
+                " ON CONFLICT (user_id, usage) DO UPDATE SET key_json = excluded.key_json",
+                (user_id, usage, text),
+            )
+
+        return self.database.run("set_remote_cross_signing_key", txn)
+
+    def drop_remote_user(self, user_id: str) -> "Deferred[None]":
+        def txn(t: Txn) -> None:
+            for table in (
+                "remote_devices",
+                "remote_cross_signing_keys",
+                "remote_known_stream_ids",
+                "remote_sync_state",
+            ):
+                t.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,))
+
+        return self.database.run("drop_remote_user", txn)
+
+    def list_stale_remote_users(self) -> "Deferred[list[StaleRemoteUser]]":
+        def txn(t: Txn) -> list[StaleRemoteUser]:
+            rows = t.query(
+                "SELECT user_id, stale_generation, stale_reason, stale_since_ts"
+                " FROM remote_sync_state WHERE stale_generation > cleared_generation"
+                " ORDER BY stale_since_ts, user_id"
+            )
+            return [
+                StaleRemoteUser(user_id, int(gen), reason, None if since is None else int(since))
+                for user_id, gen, reason, since in rows
+            ]
+
+        return self.database.run("list_stale_remote_users", txn, readonly=True)
+
+    # ------------------------------------------------------------------
+    # Remote server keys
+    # ------------------------------------------------------------------
+
+    def store_server_keys(self, server_name: str, keys: Sequence[ServerKeyRow]) -> "Deferred[None]":
+        for key in keys:
+            if key.server_name != server_name:
+                return fail(ValueError(f"key of {key.server_name!r} passed for {server_name!r}"))
+        rows = [
+            (
+                server_name,
+                k.key_id,
+                k.verify_key,
+                k.valid_until_ts,
+                k.expired_ts,
+                k.fetched_ts,
+                dumps(k.key_json),
+            )
+            for k in keys
+        ]
+
+        def txn(t: Txn) -> None:
+            # The most recent fetch wins; an older answer (a slow notary) does not.
+            t.executemany(
+                "INSERT INTO server_keys (server_name, key_id, verify_key, valid_until_ts,"
+                " expired_ts, fetched_ts, key_json) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (server_name, key_id) DO UPDATE SET"
+                " verify_key = excluded.verify_key, valid_until_ts = excluded.valid_until_ts,"
+                " expired_ts = excluded.expired_ts, fetched_ts = excluded.fetched_ts,"
+                " key_json = excluded.key_json"
+                " WHERE excluded.fetched_ts >= server_keys.fetched_ts",
+                rows,
+            )
+            if rows:
+                t.execute(
+                    "DELETE FROM server_key_fetch_failures WHERE server_name = ?", (server_name,)
+                )
+
+        return self.database.run("store_server_keys", txn)
+
+    def get_server_keys(
+        self, server_name: str, key_ids: Optional[Collection[str]] = None
+    ) -> "Deferred[dict[str, ServerKeyRow]]":
+        def txn(t: Txn) -> dict[str, ServerKeyRow]:
+            rows = t.query(
+                "SELECT key_id, verify_key, valid_until_ts, expired_ts, fetched_ts, key_json"
+                " FROM server_keys WHERE server_name = ?",
+                (server_name,),
+            )
+            wanted = None if key_ids is None else set(key_ids)
+            return {
+                key_id: ServerKeyRow(
+                    server_name=server_name,
+                    key_id=key_id,
+                    verify_key=verify_key,
+                    valid_until_ts=int(valid_until),
+                    expired_ts=None if expired is None else int(expired),
+                    fetched_ts=int(fetched),
+                    key_json=loads(text),
+                )
+                for key_id, verify_key, valid_until, expired, fetched, text in rows
+                if wanted is None or key_id in wanted
+            }
+
+        return self.database.run("get_server_keys", txn, readonly=True)
+
+    def get_server_key_failure(self, server_name: str) -> "Deferred[Optional[ServerKeyFailure]]":
+        def txn(t: Txn) -> Optional[ServerKeyFailure]:
+            row = t.query_one(
+                "SELECT failed_ts, error FROM server_key_fetch_failures WHERE server_name = ?",
+                (server_name,),
+            )
+            return None if row is None else ServerKeyFailure(server_name, int(row[0]), row[1])
+
+        return self.database.run("get_server_key_failure", txn, readonly=True)
+
+    def set_server_key_failure(self, server_name: str, error: str, now_ms: int) -> "Deferred[None]":
+        def txn(t: Txn) -> None:
+            t.execute(
+                "INSERT INTO server_key_fetch_failures (server_name, failed_ts, error)"
+                " VALUES (?, ?, ?) ON CONFLICT (server_name) DO UPDATE SET"
+                " failed_ts = excluded.failed_ts, error = excluded.error",
+                (server_name, now_ms, error),
+            )
+
+        return self.database.run("set_server_key_failure", txn)
+
+    def clear_server_key_failure(self, server_name: str) -> "Deferred[None]":
+        def txn(t: Txn) -> None:
+            t.execute("DELETE FROM server_key_fetch_failures WHERE server_name = ?", (server_name,))
+
+        return self.database.run("clear_server_key_failure", txn)
+
+    # ------------------------------------------------------------------
+    # Received federation transactions
+    # ------------------------------------------------------------------
+
+    def get_received_txn(self, origin: str, txn_id: str) -> "Deferred[Optional[JsonDict]]":
+        def txn(t: Txn) -> Optional[JsonDict]:
+            row = t.query_one(
+                "SELECT response_json FROM received_transactions WHERE origin = ? AND txn_id = ?",
+                (origin, txn_id),
+            )
+            return None if row is None else dict(loads(row[0]))
+
+        return self.database.run("get_received_txn", txn, readonly=True)
+
+    def store_received_txn(
+        self, origin: str, txn_id: str, response: JsonDict, now_ms: int
+    ) -> "Deferred[bool]":
+        text = dumps(response)
+
+        def txn(t: Txn) -> bool:
+            row = t.query_one(
+                "INSERT INTO received_transactions (origin, txn_id, response_json, received_ts)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (origin, txn_id) DO NOTHING RETURNING 1",
+                (origin, txn_id, text, now_ms),
+            )
+            return row is not None
+
+        return self.database.run("store_received_txn", txn)
+
+    def prune_received_txns(self, older_than_ms: int) -> "Deferred[int]":
+        def txn(t: Txn) -> int:
+            t.execute("DELETE FROM received_transactions WHERE received_ts < ?", (older_than_ms,))
+            return t.rowcount
+
+        return self.database.run("prune_received_txns", txn)
+
+
+if TYPE_CHECKING:
+    _check: type[IDeviceListStore] = Store

@@ -1,0 +1,169 @@
+"""Rows and results exchanged with the store: frozen, typed, JSON already decoded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Union
+
+JsonDict = dict[str, Any]
+# A one-time or fallback key as uploaded: a bare base64 string for
+# ``curve25519``, an object with ``key`` and ``signatures`` for
+# ``signed_curve25519``.
+KeyJson = Any
+
+StreamKind = Literal["device", "signing_key"]
+KIND_DEVICE: StreamKind = "device"
+KIND_SIGNING_KEY: StreamKind = "signing_key"
+
+# Cross-signing key usages.
+CrossSigningUsage = Literal["master", "self_signing", "user_signing"]
+CROSS_SIGNING_USAGES: tuple[CrossSigningUsage, ...] = ("master", "self_signing", "user_signing")
+# The usages that are federated (``m.signing_key_update``, ``/user/devices``).
+FEDERATED_CROSS_SIGNING_USAGES: tuple[CrossSigningUsage, ...] = ("master", "self_signing")
+
+
+@dataclass(frozen=True)
+class LocalDevice:
+    """A device of a local user."""
+
+    user_id: str
+    device_id: str
+    display_name: Optional[str]
+    # the DeviceKeys object the client uploaded, or None before any upload
+    keys_json: Optional[JsonDict]
+    created_ts: int
+    last_seen_ts: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class StreamChange:
+    """One entry of a local user's device-list stream."""
+
+    user_id: str
+    stream_id: int
+    # the device that changed; None for a change of the cross-signing keys
+    device_id: Optional[str]
+    kind: StreamKind
+    ts: int
+
+
+@dataclass(frozen=True)
+class PendingRow:
+    """An outbound update still to be sent to a destination.
+
+    Several changes of one device are collapsed into one row carrying the
+    latest stream id.  ``device_id`` is None for a pending
+    ``m.signing_key_update`` of the user.
+    """
+
+    user_id: str
+    device_id: Optional[str]
+    stream_id: int
+
+    @property
+    def kind(self) -> StreamKind:
+        return KIND_SIGNING_KEY if self.device_id is None else KIND_DEVICE
+
+
+@dataclass(frozen=True)
+class CrossSigningSignature:
+    """A signature uploaded by ``signer_user_id`` with ``signer_key_id``.
+
+    ``target_id`` is a device id, or the key id (the public key) of a
+    cross-signing key of ``target_user_id``.
+    """
+
+    signer_user_id: str
+    signer_key_id: str
+    target_user_id: str
+    target_id: str
+    signature: str
+
+
+@dataclass(frozen=True)
+class InflightTransaction:
+    """The transaction being sent to a destination, retried until a 200."""
+
+    txn_id: str
+    payload: JsonDict
+
+
+@dataclass(frozen=True)
+class RetryState:
+    """Backoff bookkeeping for one destination (all times in ms)."""
+
+    # when the destination started failing; None when it is healthy
+    failure_ts: Optional[int]
+    # when the last attempt was made
+    retry_last_ts: Optional[int]
+    # the current backoff interval; 0 when healthy
+    retry_interval_ms: int
+
+
+@dataclass(frozen=True)
+class RemoteSyncState:
+    """What is known of one remote user's device list.
+
+    The user is stale (a lost update was noticed and a resync is due) iff
+    ``stale_generation > cleared_generation``.  Each stale mark bumps
+    ``stale_generation``; a finished resync clears only the generation it
+    started from, so a mark made while it ran survives (Synapse #9866).
+    """
+
+    user_id: str
+    # ``stream_id`` of the last ``/user/devices`` snapshot, None before one
+    snapshot_stream_id: Optional[int]
+    # stream ids of EDUs applied since the snapshot (a trimmed window)
+    known_ids: frozenset[int]
+    stale_generation: int
+    cleared_generation: int
+    stale_reason: Optional[str]
+    stale_since_ts: Optional[int]
+    last_resync_ts: Optional[int]
+
+    @property
+    def stale(self) -> bool:
+        return self.stale_generation > self.cleared_generation
+
+
+@dataclass(frozen=True)
+class StaleRemoteUser:
+    """A remote user whose device list must be resynced."""
+
+    user_id: str
+    # pass this to ``replace_remote_snapshot`` once the resync finished
+    generation: int
+    reason: Optional[str]
+    since_ts: Optional[int]
+
+
+@dataclass(frozen=True)
+class ServerKeyRow:
+    """A verify key of a remote server."""
+
+    server_name: str
+    # "ed25519:<version>"
+    key_id: str
+    # unpadded base64 public key
+    verify_key: str
+    valid_until_ts: int
+    # set for keys from ``old_verify_keys``
+    expired_ts: Optional[int]
+    fetched_ts: int
+    # the whole key response the key came from, kept for notary answers
+    key_json: JsonDict
+
+
+@dataclass(frozen=True)
+class ServerKeyFailure:
+    """A recent failure to fetch a server's keys (negative cache entry)."""
+
+    server_name: str
+    failed_ts: int
+    error: str
+
+
+# An item of ``ack_sent``: a row from ``get_pending`` or (user_id, device_id, stream_id).
+SentItem = Union[PendingRow, tuple[str, Optional[str], int]]
+# ``claim_keys``: user id -> device id -> "<algorithm>:<key id>" -> key
+ClaimResult = dict[str, dict[str, dict[str, KeyJson]]]

@@ -1,0 +1,1 @@
+"""Tests of the storage layer, run against SQLite and PostgreSQL."""
