@@ -15,4 +15,8 @@ Modules:
 - :mod:`.key_server`: ``GET /_matrix/key/v2/server``.
 - :mod:`.auth`: :class:`~.auth.FederationAuthenticator`, which verifies
   inbound federation requests.
+- :mod:`.keyring`: :class:`~.keyring.KeyRing`, remote servers' verify keys
+  (fetched directly or through notaries, checked, cached).
+- :mod:`.transport`: :func:`~.transport.build_federation_transport`, which
+  wires all of the above for one instance.
 """
