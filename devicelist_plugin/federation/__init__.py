@@ -19,4 +19,7 @@ Modules:
   (fetched directly or through notaries, checked, cached).
 - :mod:`.transport`: :func:`~.transport.build_federation_transport`, which
   wires all of the above for one instance.
+- :mod:`.local_endpoints`: ``/user/devices``, ``/user/keys/query`` and
+  ``/user/keys/claim``, serving local users' devices and keys; register
+  them on the transport's resource.
 """

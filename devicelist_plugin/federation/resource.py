@@ -20,7 +20,8 @@ endpoints:
   ``json_body=True`` also requires one;
 - authentication (``requires_auth=True``) by the injected
   :class:`RequestAuthenticator`, which sets :attr:`JsonRequest.origin`;
-- JSON out as canonical JSON with ``Content-Type: application/json``;
+- JSON out as canonical JSON with ``Content-Type: application/json`` (a
+  handler may return an :class:`EncodedJson` it encoded itself);
   :class:`~devicelist_plugin.federation.errors.MatrixError` becomes its
   ``{"errcode", "error"}``, anything else a 500 ``M_UNKNOWN`` with the
   failure logged and no detail sent; never an HTML page;
@@ -109,7 +110,20 @@ class JsonRequest:
         return self.origin
 
 
-Handler = Callable[[JsonRequest], Awaitable[tuple[int, JsonDict]]]
+@dataclass(frozen=True)
+class EncodedJson:
+    """A response body a handler has already encoded as canonical JSON.
+
+    For big answers (a user with thousands of devices): the handler can
+    encode them off the reactor thread, or splice stored JSON text, instead
+    of handing the resource an object to encode on the reactor thread.
+    ``data`` must be canonical JSON of a JSON object; it is sent as is.
+    """
+
+    data: bytes
+
+
+Handler = Callable[[JsonRequest], Awaitable[tuple[int, "JsonDict | EncodedJson"]]]
 
 
 class RequestAuthenticator(Protocol):
@@ -328,7 +342,7 @@ class JsonResource(Resource):
         path = request.path.decode("latin-1")
         try:
             code, body = await self._dispatch(request)
-            payload = encode_canonical_json(body)
+            payload = body.data if isinstance(body, EncodedJson) else encode_canonical_json(body)
         except MatrixError as e:
             self.log.debug(
                 "{method} {path}: {code} {errcode} {msg}",
@@ -362,7 +376,7 @@ class JsonResource(Resource):
         except Exception:
             self.log.failure("Error writing the answer to {method} {path}", method=method, path=path)
 
-    async def _dispatch(self, request: server.Request) -> tuple[int, JsonDict]:
+    async def _dispatch(self, request: server.Request) -> tuple[int, JsonDict | EncodedJson]:
         route, path_params = self._find_route(request)
         content = self._read_body(request, route.json_body)
         json_request = JsonRequest(

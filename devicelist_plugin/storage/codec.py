@@ -1,7 +1,10 @@
 """JSON text in the database <-> Python objects and the core's models.
 
 JSON is stored compact with sorted keys, so two uploads of the same object
-have the same text and can be compared as strings.
+have the same text and can be compared as strings.  With the uploads
+validated (no floats, integers in range) that text is canonical JSON, and
+the ``/user/devices`` encoder (``local.serving``) splices stored device keys
+into its answers as they are: keep :func:`dumps` canonical.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from devicelist_plugin.storage.types import (
     JsonDict,
     KeyJson,
     LocalDevice,
+    LocalUserKeys,
     PendingRow,
     RemoteSyncState,
     RetryState,
@@ -174,6 +175,21 @@ class IDeviceListStore(Protocol):
         (user-signing keys are never federated).
         """
 
+    def set_cross_signing_keys(
+        self,
+        user_id: str,
+        keys: Mapping[str, JsonDict],
+        now_ms: int,
+        destinations: Collection[str],
+    ) -> "Deferred[int]":
+        """Store several cross-signing keys of the user (by usage) at once.
+
+        One transaction and one ``signing_key`` change in the user's stream,
+        whose id is returned; it is queued for the destinations only if a
+        master or self-signing key is among ``keys``.  An empty ``keys`` or an
+        unknown usage is a ``ValueError``.
+        """
+
     def get_cross_signing_keys(self, user_id: str) -> "Deferred[dict[str, JsonDict]]":
         """The user's cross-signing keys by usage."""
 
@@ -196,6 +212,52 @@ class IDeviceListStore(Protocol):
         self, target_user_id: str, target_ids: Optional[Collection[str]] = None
     ) -> "Deferred[list[CrossSigningSignature]]":
         """Signatures stored for a user's devices or keys."""
+
+    # -- what other servers see of local users ------------------------------------
+
+    def get_local_user_keys(
+        self,
+        wanted: Mapping[str, Optional[Collection[str]]],
+        *,
+        from_user_id: Optional[str] = None,
+    ) -> "Deferred[dict[str, LocalUserKeys]]":
+        """Local users' devices with keys (all, or the device ids given),
+        cross-signing keys and signatures, read in one transaction.
+
+        Every requested user is a key of the result.  Signatures are those
+        the target user made of their own devices and keys, plus those made
+        by ``from_user_id`` (a user-signing key's signatures of other users'
+        master keys, visible only to their signer).
+        """
+
+    def get_user_devices_snapshot(
+        self, user_id: str, destination: Optional[str] = None
+    ) -> "Deferred[LocalUserKeys]":
+        """A consistent snapshot of a local user's devices with keys for
+        ``GET /user/devices``: ``stream_id`` is the user's last stream id and
+        the devices are exactly the state after it.
+
+        With ``destination`` (the requesting server), in the same
+        transaction and while no change of the user can commit, the snapshot
+        is recorded as served to it (:meth:`record_snapshot_served`), so that
+        the next EDU sent there names ``stream_id`` as its ``prev_id``.
+        Nothing is recorded for a user that never had a change.
+        """
+
+    def record_snapshot_served(
+        self, destination: str, user_id: str, stream_id: int
+    ) -> "Deferred[None]":
+        """Record that ``destination`` was served the user's list as of
+        ``stream_id``.
+
+        Deletes the destination's pending rows of the user with a stream id
+        <= ``stream_id`` (the snapshot carried their state) and makes
+        ``{stream_id}`` the user's unreferenced ids for the destination,
+        unless an acknowledged EDU with a later id is already there.  Until
+        an acknowledgement reaches ``stream_id``, :meth:`ack_sent` never
+        replaces it by older ids.  A ``stream_id`` below 1 or never
+        allocated to the user is a ``ValueError``.
+        """
 
     # -- outbound ----------------------------------------------------------------
 
@@ -226,6 +288,13 @@ class IDeviceListStore(Protocol):
         stream id is <= the one sent (a newer change of the device survives),
         stores the users' unreferenced ids (empty deletes), and when
         ``completed_txn_id`` is given clears that in-flight transaction.
+
+        A user's ids are not stored when they are all below the stream id of
+        a ``/user/devices`` snapshot served to the destination since its last
+        acknowledgement that reached one (:meth:`record_snapshot_served`):
+        they come from a transaction that was in flight while the snapshot
+        was served, and the destination correlates the next EDU with the
+        snapshot's id.
         """
 
     def destinations_with_pending(self) -> "Deferred[list[str]]":

@@ -11,7 +11,10 @@ that user (``INSERT ... ON CONFLICT DO UPDATE SET pos = pos + 1 RETURNING``),
 which locks the user's position row until commit; every write of a remote
 user's cache starts by locking that user's ``remote_sync_state`` row; key
 uploads lock the device row; claims take one-time keys with
-``FOR UPDATE SKIP LOCKED`` so that concurrent claimers never share a key.
+``FOR UPDATE SKIP LOCKED`` so that concurrent claimers never share a key; a
+``/user/devices`` snapshot served to a destination locks the user's position
+row (``SELECT ... FOR UPDATE``) before reading, so that it is exactly the
+state after the stream id it reports.
 """
 
 from __future__ import annotations
@@ -47,8 +50,10 @@ from devicelist_plugin.storage.types import (
     CrossSigningSignature,
     InflightTransaction,
     JsonDict,
+    KeyedDevice,
     KeyJson,
     LocalDevice,
+    LocalUserKeys,
     PendingRow,
     RemoteSyncState,
     RetryState,
@@ -522,6 +527,39 @@ class Store:
 
         return self.database.run("set_cross_signing_key", txn)
 
+    def set_cross_signing_keys(
+        self,
+        user_id: str,
+        keys: Mapping[str, JsonDict],
+        now_ms: int,
+        destinations: Collection[str],
+    ) -> "Deferred[int]":
+        if not keys:
+            return fail(ValueError("no cross-signing key to store"))
+        for usage in keys:
+            error = _bad_usage(usage)
+            if error is not None:
+                return fail(error)
+        rows = [
+            (user_id, usage, dumps(key_json), now_ms) for usage, key_json in sorted(keys.items())
+        ]
+        federated = any(usage in FEDERATED_CROSS_SIGNING_USAGES for usage in keys)
+        targets = destinations if federated else ()
+
+        def txn(t: Txn) -> int:
+            stream_id = self._allocate_stream_id(t, user_id)
+            t.executemany(
+                "INSERT INTO local_cross_signing_keys (user_id, usage, key_json, updated_ts)"
+                " VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (user_id, usage) DO UPDATE SET"
+                " key_json = excluded.key_json, updated_ts = excluded.updated_ts",
+                rows,
+            )
+            self._log_change(t, user_id, stream_id, None, KIND_SIGNING_KEY, now_ms, targets)
+            return stream_id
+
+        return self.database.run("set_cross_signing_keys", txn)
+
     def get_cross_signing_keys(self, user_id: str) -> "Deferred[dict[str, JsonDict]]":
         def txn(t: Txn) -> dict[str, JsonDict]:
             rows = t.query(
@@ -612,6 +650,169 @@ class Store:
         return self.database.run("get_signatures", txn, readonly=True)
 
     # ------------------------------------------------------------------
+    # What other servers see: keys queries and /user/devices snapshots
+    # ------------------------------------------------------------------
+
+    def _read_user_keys(
+        self,
+        t: Txn,
+        wanted: Mapping[str, Optional[Collection[str]]],
+        positions: Mapping[str, int],
+        from_user_id: Optional[str],
+    ) -> dict[str, LocalUserKeys]:
+        """Devices with keys, cross-signing keys and signatures of the users:
+        a fixed number of statements per 500 users (none per device)."""
+        users = sorted(wanted)
+        devices: dict[str, list[KeyedDevice]] = {u: [] for u in users}
+        keys: dict[str, dict[str, JsonDict]] = {u: {} for u in users}
+        signatures: dict[str, list[CrossSigningSignature]] = {u: [] for u in users}
+        # The keys stay JSON text here: decoding 10,000 of them would hold
+        # the connection (SQLite has one) for longer than the query itself.
+        columns = (
+            "SELECT d.user_id, d.device_id, d.display_name, k.keys_json"
+            " FROM local_devices d JOIN local_device_keys k"
+            " ON k.user_id = d.user_id AND k.device_id = d.device_id"
+        )
+        every_device = [u for u in users if wanted[u] is None]
+        for chunk in _chunks(every_device):
+            for row in t.query(
+                f"{columns} WHERE d.user_id IN ({_marks(len(chunk))})"
+                " ORDER BY d.user_id, d.device_id",
+                chunk,
+            ):
+                devices[row[0]].append(KeyedDevice(row[1], row[2], row[3]))
+        for user_id in users:
+            device_ids = wanted[user_id]
+            if device_ids is None:
+                continue
+            for device_chunk in _chunks(sorted(set(device_ids))):
+                for row in t.query(
+                    f"{columns} WHERE d.user_id = ?"
+                    f" AND d.device_id IN ({_marks(len(device_chunk))}) ORDER BY d.device_id",
+                    [user_id, *device_chunk],
+                ):
+                    devices[user_id].append(KeyedDevice(row[1], row[2], row[3]))
+        for chunk in _chunks(users):
+            marks = _marks(len(chunk))
+            for user_id, usage, text in t.query(
+                "SELECT user_id, usage, key_json FROM local_cross_signing_keys"
+                f" WHERE user_id IN ({marks})",
+                chunk,
+            ):
+                keys[user_id][usage] = loads(text)
+            signers = "s.signer_user_id = s.target_user_id"
+            params: list[Any] = list(chunk)
+            if from_user_id is not None:
+                signers += " OR s.signer_user_id = ?"
+                params.append(from_user_id)
+            for row in t.query(
+                "SELECT s.signer_user_id, s.signer_key_id, s.target_user_id, s.target_id,"
+                " s.signature FROM local_cross_signing_signatures s"
+                f" WHERE s.target_user_id IN ({marks}) AND ({signers})"
+                " ORDER BY s.target_user_id, s.target_id, s.signer_user_id, s.signer_key_id",
+                params,
+            ):
+                signatures[row[2]].append(CrossSigningSignature(*row))
+        return {
+            u: LocalUserKeys(
+                user_id=u,
+                stream_id=positions.get(u, 0),
+                devices=tuple(devices[u]),
+                cross_signing_keys=keys[u],
+                signatures=tuple(signatures[u]),
+            )
+            for u in users
+        }
+
+    def get_local_user_keys(
+        self,
+        wanted: Mapping[str, Optional[Collection[str]]],
+        *,
+        from_user_id: Optional[str] = None,
+    ) -> "Deferred[dict[str, LocalUserKeys]]":
+        requested = {u: (None if ids is None else tuple(ids)) for u, ids in wanted.items()}
+
+        def txn(t: Txn) -> dict[str, LocalUserKeys]:
+            positions: dict[str, int] = {}
+            for chunk in _chunks(sorted(requested)):
+                for user_id, pos in t.query(
+                    "SELECT user_id, pos FROM local_stream_positions"
+                    f" WHERE user_id IN ({_marks(len(chunk))})",
+                    chunk,
+                ):
+                    positions[user_id] = int(pos)
+            return self._read_user_keys(t, requested, positions, from_user_id)
+
+        return self.database.run("get_local_user_keys", txn, readonly=True)
+
+    def get_user_devices_snapshot(
+        self, user_id: str, destination: Optional[str] = None
+    ) -> "Deferred[LocalUserKeys]":
+        def txn(t: Txn) -> LocalUserKeys:
+            # Holding the user's position row keeps every change of the user
+            # (they all take it first) out until this snapshot is read.
+            lock = t.dialect.for_update if destination is not None else ""
+            row = t.query_one(
+                f"SELECT pos FROM local_stream_positions WHERE user_id = ?{lock}", (user_id,)
+            )
+            positions = {} if row is None else {user_id: int(row[0])}
+            snapshot = self._read_user_keys(t, {user_id: None}, positions, None)[user_id]
+            if destination is not None and row is not None:
+                self._record_snapshot_served(t, destination, user_id, snapshot.stream_id)
+            return snapshot
+
+        return self.database.run(
+            "get_user_devices_snapshot", txn, readonly=destination is None
+        )
+
+    def _record_snapshot_served(
+        self, t: Txn, destination: str, user_id: str, stream_id: int
+    ) -> None:
+        """The snapshot at ``stream_id`` covers the destination's pending
+        changes up to it and becomes what the next EDU names as ``prev_id``,
+        unless the destination already acknowledged a later EDU."""
+        t.execute(
+            "DELETE FROM outbound_pending WHERE destination = ? AND user_id = ? AND stream_id <= ?",
+            (destination, user_id, stream_id),
+        )
+        row = t.query_one(
+            "SELECT stream_ids_json FROM outbound_unreferenced"
+            f" WHERE destination = ? AND user_id = ?{t.dialect.for_update}",
+            (destination, user_id),
+        )
+        if row is not None and any(int(i) > stream_id for i in loads(row[0])):
+            return
+        t.execute(
+            "INSERT INTO outbound_unreferenced"
+            " (destination, user_id, stream_ids_json, snapshot_stream_id) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (destination, user_id) DO UPDATE SET"
+            " stream_ids_json = excluded.stream_ids_json,"
+            " snapshot_stream_id = excluded.snapshot_stream_id",
+            (destination, user_id, dumps([stream_id]), stream_id),
+        )
+
+    def record_snapshot_served(
+        self, destination: str, user_id: str, stream_id: int
+    ) -> "Deferred[None]":
+        if stream_id < 1:
+            return fail(ValueError("a served snapshot's stream_id must be at least 1"))
+
+        def txn(t: Txn) -> None:
+            row = t.query_one(
+                "SELECT pos FROM local_stream_positions"
+                f" WHERE user_id = ?{t.dialect.for_update}",
+                (user_id,),
+            )
+            position = 0 if row is None else int(row[0])
+            if stream_id > position:
+                raise ValueError(
+                    f"stream id {stream_id} of {user_id!r} was never allocated (last {position})"
+                )
+            self._record_snapshot_served(t, destination, user_id, stream_id)
+
+        return self.database.run("record_snapshot_served", txn)
+
+    # ------------------------------------------------------------------
     # Outbound
     # ------------------------------------------------------------------
 
@@ -674,11 +875,28 @@ class Store:
                 " AND kind = ? AND device_id = ? AND stream_id <= ?",
                 rows,
             )
+            # An acknowledgement whose ids are all older than a /user/devices
+            # snapshot served meanwhile (a transaction in flight while it was
+            # served) leaves the snapshot's id in place: the destination
+            # correlates the next EDU with the snapshot.  One that reaches
+            # the snapshot's id ends its protection.
+            below_snapshot = (
+                "outbound_unreferenced.snapshot_stream_id IS NOT NULL"
+                " AND ? < outbound_unreferenced.snapshot_stream_id"
+            )
             t.executemany(
-                "INSERT INTO outbound_unreferenced (destination, user_id, stream_ids_json)"
-                " VALUES (?, ?, ?) ON CONFLICT (destination, user_id)"
-                " DO UPDATE SET stream_ids_json = excluded.stream_ids_json",
-                [(destination, u, dumps(ids)) for u, ids in sorted(unreferenced.items()) if ids],
+                "INSERT INTO outbound_unreferenced"
+                " (destination, user_id, stream_ids_json, snapshot_stream_id)"
+                " VALUES (?, ?, ?, NULL) ON CONFLICT (destination, user_id) DO UPDATE SET"
+                f" stream_ids_json = CASE WHEN {below_snapshot}"
+                " THEN outbound_unreferenced.stream_ids_json ELSE excluded.stream_ids_json END,"
+                f" snapshot_stream_id = CASE WHEN {below_snapshot}"
+                " THEN outbound_unreferenced.snapshot_stream_id ELSE NULL END",
+                [
+                    (destination, u, dumps(ids), ids[-1], ids[-1])
+                    for u, ids in sorted(unreferenced.items())
+                    if ids
+                ],
             )
             t.executemany(
                 "DELETE FROM outbound_unreferenced WHERE destination = ? AND user_id = ?",

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Mapping, Optional, Union
 
 JsonDict = dict[str, Any]
 # A one-time or fallback key as uploaded: a bare base64 string for
@@ -33,6 +34,43 @@ class LocalDevice:
     keys_json: Optional[JsonDict]
     created_ts: int
     last_seen_ts: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class KeyedDevice:
+    """A local device that has uploaded device keys, as other servers see it."""
+
+    device_id: str
+    display_name: Optional[str]
+    # the DeviceKeys object as stored: canonical JSON text (compact, sorted
+    # keys, UTF-8), so that big answers can be spliced without decoding it
+    keys_text: str
+
+    @property
+    def keys_json(self) -> JsonDict:
+        """The DeviceKeys object, freshly decoded."""
+        value: JsonDict = json.loads(self.keys_text)
+        return value
+
+
+@dataclass(frozen=True)
+class LocalUserKeys:
+    """What other servers see of a local user's devices and keys, read at once.
+
+    ``stream_id`` is the user's last stream id when this was read (0 if the
+    user never had a change): the state below includes every change up to it
+    and none after it.
+    """
+
+    user_id: str
+    stream_id: int
+    # the devices that have uploaded device keys, ordered by device id
+    devices: tuple[KeyedDevice, ...]
+    # the user's cross-signing keys by usage, as uploaded
+    cross_signing_keys: Mapping[str, JsonDict]
+    # stored signatures of the user's devices and cross-signing keys made by
+    # the user (and, when asked for, by one other local user)
+    signatures: tuple["CrossSigningSignature", ...]
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from devicelist_plugin.federation.errors import (
 )
 from devicelist_plugin.federation.resource import (
     VERSION_PATH,
+    EncodedJson,
     JsonRequest,
     JsonResource,
     SizeLimitingRequest,
@@ -174,6 +175,16 @@ class RoutingTests(SynchronousTestCase):
         self.assertEqual(code, 201)
         self.assertEqual(headers.getRawHeaders(b"Content-Type"), [b"application/json"])
         self.assertEqual(body, '{"a":["é",{"c":true,"d":null}],"b":1}'.encode("utf-8"))
+
+    def test_pre_encoded_body_sent_as_is(self) -> None:
+        async def handler(request: JsonRequest) -> tuple[int, EncodedJson]:
+            return 200, EncodedJson(b'{"a":1,"b":"\xc3\xa9"}')
+
+        self.resource.register("GET", "/encoded", handler)
+        code, headers, body = self.client.raw("GET", "/encoded")
+        self.assertEqual(code, 200)
+        self.assertEqual(headers.getRawHeaders(b"Content-Type"), [b"application/json"])
+        self.assertEqual(body, '{"a":1,"b":"é"}'.encode("utf-8"))
 
     def test_unknown_path_is_404_json(self) -> None:
         paths = [

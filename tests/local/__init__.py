@@ -1,0 +1,1 @@
+"""Tests of local users' devices and keys: validation and the host API."""
