@@ -1006,34 +1006,36 @@ class Store:
     def get_retry_state(self, destination: str) -> "Deferred[Optional[RetryState]]":
         def txn(t: Txn) -> Optional[RetryState]:
             row = t.query_one(
-                "SELECT failure_ts, retry_last_ts, retry_interval_ms FROM outbound_destinations"
-                " WHERE destination = ?",
+                "SELECT failure_ts, retry_last_ts, retry_interval_ms, retry_attempts"
+                " FROM outbound_destinations WHERE destination = ?",
                 (destination,),
             )
-            if row is None or (row[0] is None and row[1] is None and not row[2]):
+            if row is None or (row[0] is None and row[1] is None and not row[2] and not row[3]):
                 return None
             return RetryState(
                 failure_ts=None if row[0] is None else int(row[0]),
                 retry_last_ts=None if row[1] is None else int(row[1]),
                 retry_interval_ms=int(row[2]),
+                attempts=int(row[3]),
             )
 
         return self.database.run("get_retry_state", txn, readonly=True)
 
     def set_retry_state(self, destination: str, state: Optional[RetryState]) -> "Deferred[None]":
         values = (
-            (None, None, 0)
+            (None, None, 0, 0)
             if state is None
-            else (state.failure_ts, state.retry_last_ts, state.retry_interval_ms)
+            else (state.failure_ts, state.retry_last_ts, state.retry_interval_ms, state.attempts)
         )
 
         def txn(t: Txn) -> None:
             t.execute(
-                "INSERT INTO outbound_destinations"
-                " (destination, failure_ts, retry_last_ts, retry_interval_ms) VALUES (?, ?, ?, ?)"
+                "INSERT INTO outbound_destinations (destination, failure_ts, retry_last_ts,"
+                " retry_interval_ms, retry_attempts) VALUES (?, ?, ?, ?, ?)"
                 " ON CONFLICT (destination) DO UPDATE SET failure_ts = excluded.failure_ts,"
                 " retry_last_ts = excluded.retry_last_ts,"
-                " retry_interval_ms = excluded.retry_interval_ms",
+                " retry_interval_ms = excluded.retry_interval_ms,"
+                " retry_attempts = excluded.retry_attempts",
                 (destination, *values),
             )
 

@@ -136,6 +136,8 @@ class RetryState:
     retry_last_ts: Optional[int]
     # the current backoff interval; 0 when healthy
     retry_interval_ms: int
+    # consecutive failed attempts (the backoff policy's attempt number)
+    attempts: int = 0
 
 
 @dataclass(frozen=True)

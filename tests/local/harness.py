@@ -11,42 +11,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from devicelist_plugin.federation.errors import MatrixError
 from devicelist_plugin.local.handler import LocalDeviceHandler
 from devicelist_plugin.membership import InMemoryMembership
-from devicelist_plugin.storage import Store, open_sqlite_store
+from devicelist_plugin.storage import Store
+from tests.helpers.store import dump_store, open_inline_store
 
 NOW_S = 1_700_000_000
-
-
-def open_inline_store(case: SynchronousTestCase) -> Store:
-    """A fresh SQLite store whose transactions run inline (Deferreds fire at once)."""
-    directory = case.mktemp()
-    os.makedirs(directory)
-    d = open_sqlite_store(
-        os.path.join(directory, "devicelist.db"), MemoryReactorClock(), synchronous=True
-    )
-    store = case.successResultOf(d)
-    case.addCleanup(store.close)
-    return store
-
-
-def dump_store(case: SynchronousTestCase, store: Store) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of every table, sorted: to assert that nothing changed."""
-
-    def txn(t: Any) -> dict[str, list[tuple[Any, ...]]]:
-        tables = [
-            r[0]
-            for r in t.query(
-                "SELECT name FROM sqlite_master WHERE type = 'table'"
-                " AND name NOT LIKE 'sqlite_%' ORDER BY name"
-            )
-        ]
-        return {
-            table: sorted(t.query(f"SELECT * FROM {table}"), key=repr) for table in tables
-        }
-
-    result: dict[str, list[tuple[Any, ...]]] = case.successResultOf(
-        store.database.run("dump", txn, readonly=True)
-    )
-    return result
 
 
 class HandlerCase(SynchronousTestCase):

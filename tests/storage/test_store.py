@@ -445,7 +445,7 @@ class StoreTestsMixin(_Base):
     async def test_retry_state(self) -> None:
         store = await self.store()
         self.assertIsNone(await store.get_retry_state("a.test"))
-        state = RetryState(failure_ts=1000, retry_last_ts=2000, retry_interval_ms=60000)
+        state = RetryState(failure_ts=1000, retry_last_ts=2000, retry_interval_ms=60000, attempts=3)
         await store.set_inflight_txn("a.test", "t1", {})
         await store.set_retry_state("a.test", state)
         self.assertEqual(await store.get_retry_state("a.test"), state)

@@ -1,0 +1,1 @@
+"""Replication: the inbound updater and the outbound sender, and what they share."""
