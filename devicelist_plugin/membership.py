@@ -1,53 +1,137 @@
-"""Which servers share a room with a local user: where its device-list
-changes must go.
+"""Who shares a room with whom: where local changes must go, and which remote
+users' device lists we must keep.
 
-The plugin does not track rooms itself; the host tells it through a
-:class:`MembershipSource`.  :class:`InMemoryMembership` is the simplest one:
-for tests, and for a host that has no rooms yet and declares the servers by
-hand.
+The plugin does not run rooms; the host tells it about memberships through a
+:class:`MembershipSource`.  Two questions matter to device lists:
+
+* which servers share at least one room with a *local* user: they must receive
+  that user's ``m.device_list_update`` EDUs (:meth:`servers_sharing_room`);
+* whether a *remote* user shares at least one room with any local user: only
+  then is their device list tracked and cached (:meth:`is_tracked`).
+
+Listeners hear of the two transitions that need work: servers that newly share
+a room with a local user (they must be sent the user's current devices,
+Synapse #11374), and remote users no longer sharing any room (their cache is
+dropped, Synapse #13651).
+
+:class:`InMemoryMembership` keeps room memberships in memory; a host with its
+own room state implements the protocol over it.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+
+from devicelist_plugin.core.parse import ParseError, server_name_of
+
+
+class MembershipListener(Protocol):
+    def servers_newly_sharing(self, local_user_id: str, servers: frozenset[str]) -> object:
+        """``servers`` did not share a room with ``local_user_id`` and now do."""
+        ...
+
+    def remote_user_untracked(self, remote_user_id: str) -> object:
+        """``remote_user_id`` no longer shares any room with a local user."""
+        ...
 
 
 class MembershipSource(Protocol):
-    """Where a local user's device-list updates must be sent."""
+    """Room memberships, as far as device lists need them."""
 
     def servers_sharing_room(self, user_id: str) -> "Deferred[frozenset[str]]":
         """The server names that share at least one room with the local user
         ``user_id``, never including our own server name."""
         ...
 
+    def is_tracked(self, remote_user_id: str) -> "Deferred[bool]":
+        """Whether the remote user shares at least one room with a local user."""
+        ...
+
+    def add_listener(self, listener: MembershipListener) -> None:
+        """Register for the transitions described in the module docstring."""
+        ...
+
 
 class InMemoryMembership:
-    """A :class:`MembershipSource` kept in memory: ``join`` and ``leave``
-    declare that ``server_name`` does or no longer does share a room with
-    ``user_id``.
+    """A :class:`MembershipSource` over room memberships kept in memory.
 
-    :param own_server_name: our own server name, which is never returned
-        even if joined.
+    :param own_server_name: our server name: users on it are local, and it is
+        never returned as a destination.
     """
 
-    def __init__(self, own_server_name: str | None = None) -> None:
-        self._own_server_name = own_server_name
-        self._servers: dict[str, set[str]] = {}
+    log = Logger()
 
-    def join(self, user_id: str, server_name: str) -> None:
-        """``server_name`` now shares a room with ``user_id``."""
-        self._servers.setdefault(user_id, set()).add(server_name)
+    def __init__(self, own_server_name: str) -> None:
+        self._own = own_server_name
+        self._rooms: dict[str, set[str]] = {}
+        self._listeners: list[MembershipListener] = []
 
-    def leave(self, user_id: str, server_name: str) -> None:
-        """``server_name`` no longer shares any room with ``user_id``."""
-        servers = self._servers.get(user_id)
-        if servers is not None:
-            servers.discard(server_name)
-            if not servers:
-                del self._servers[user_id]
+    def _is_local(self, user_id: str) -> bool:
+        return _server_of(user_id) == self._own
+
+    def _servers_for_local(self, user_id: str) -> frozenset[str]:
+        servers: set[str] = set()
+        for members in self._rooms.values():
+            if user_id in members:
+                servers.update(_server_of(m) for m in members)
+        return frozenset(servers - {self._own})
+
+    def _remote_tracked(self, user_id: str) -> bool:
+        return any(
+            user_id in members and any(self._is_local(m) for m in members)
+            for members in self._rooms.values()
+        )
+
+    def _local_users(self) -> set[str]:
+        return {m for members in self._rooms.values() for m in members if self._is_local(m)}
+
+    def join(self, room_id: str, user_id: str) -> None:
+        """``user_id`` (local or remote) is now joined to ``room_id``."""
+        locals_before = {u: self._servers_for_local(u) for u in self._local_users()}
+        self._rooms.setdefault(room_id, set()).add(user_id)
+        for local_user in self._local_users():
+            new = self._servers_for_local(local_user) - locals_before.get(local_user, frozenset())
+            if new:
+                self._notify(lambda l: l.servers_newly_sharing(local_user, new))
+
+    def leave(self, room_id: str, user_id: str) -> None:
+        """``user_id`` left ``room_id`` (a no-op if it was not joined)."""
+        members = self._rooms.get(room_id)
+        if members is None or user_id not in members:
+            return
+        remote_before = {m for m in members if not self._is_local(m) and self._remote_tracked(m)}
+        members.discard(user_id)
+        if not members:
+            del self._rooms[room_id]
+        # a departing local user can untrack the room's remote users; a
+        # departing remote user can untrack itself
+        for remote in sorted(remote_before):
+            if not self._remote_tracked(remote):
+                self._notify(lambda l: l.remote_user_untracked(remote))
 
     def servers_sharing_room(self, user_id: str) -> "Deferred[frozenset[str]]":
-        servers = frozenset(self._servers.get(user_id, ()))
-        return succeed(servers - {self._own_server_name} if self._own_server_name else servers)
+        return succeed(self._servers_for_local(user_id))
+
+    def is_tracked(self, remote_user_id: str) -> "Deferred[bool]":
+        return succeed(self._remote_tracked(remote_user_id))
+
+    def add_listener(self, listener: MembershipListener) -> None:
+        self._listeners.append(listener)
+
+    def _notify(self, call: Callable[[MembershipListener], object]) -> None:
+        for listener in list(self._listeners):
+            try:
+                call(listener)
+            except Exception:
+                self.log.failure("membership listener failed")
+
+
+def _server_of(user_id: str) -> str:
+    try:
+        return server_name_of(user_id)
+    except ParseError:
+        return ""
+

@@ -42,6 +42,7 @@ from tests.federation.test_auth import DictKeyLookup
 from tests.helpers import FakeNetwork
 from tests.local.harness import NOW_S, open_inline_store
 from tests.local.keys import ClientDevice, CrossSigning
+from tests.helpers.membership import share_room
 
 A = "a.example"
 B = "b.example"
@@ -67,7 +68,7 @@ class LocalEndpointsTests(SynchronousTestCase):
         # instance B: serves its users' devices and knows A's key
         self.b_store = open_inline_store(self)
         self.membership = InMemoryMembership(B)
-        self.membership.join(ALICE, A)
+        share_room(self.membership, ALICE, A)
         self.handler = LocalDeviceHandler(
             B,
             self.b_store,
@@ -370,7 +371,7 @@ class FullTransportTests(SynchronousTestCase):
         self.a, self.b = transports[A], transports[B]
         self.b_store = open_inline_store(self)
         membership = InMemoryMembership(B)
-        membership.join(ALICE, A)
+        share_room(membership, ALICE, A)
         self.handler = LocalDeviceHandler(B, self.b_store, membership, self.clock)
         LocalDeviceEndpoints(self.handler).register(self.b.resource)
         self.phone = ClientDevice(ALICE, "PHONE")

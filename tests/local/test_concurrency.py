@@ -23,6 +23,7 @@ from devicelist_plugin.membership import InMemoryMembership
 from devicelist_plugin.storage import Store, open_postgres_store, open_sqlite_store
 from tests.local.keys import ClientDevice, CrossSigning
 from tests.storage.pgcluster import get_server
+from tests.helpers.membership import share_room
 
 if TYPE_CHECKING:
     _Base = TestCase
@@ -43,7 +44,7 @@ class ConcurrencyTestsMixin(_Base):
         store = await self.open_store()
         self.addCleanup(store.close)
         membership = InMemoryMembership("b.example")
-        membership.join(ALICE, DEST)
+        share_room(membership, ALICE, DEST)
         handler = LocalDeviceHandler(
             "b.example", store, membership, reactor, cpu_runner=cpu_runner
         )

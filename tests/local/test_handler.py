@@ -16,6 +16,7 @@ from devicelist_plugin.local.handler import LocalDeviceHandler
 from devicelist_plugin.storage.types import PendingRow
 from tests.local.harness import NOW_S, HandlerCase, dump_store
 from tests.local.keys import ClientDevice, CrossSigning
+from tests.helpers.membership import share_room, unshare_room
 
 ALICE = "@alice:b.example"
 BOB = "@bob:b.example"
@@ -25,9 +26,9 @@ NOW_MS = NOW_S * 1000
 
 class DeviceTests(HandlerCase):
     def test_create_rename_delete(self) -> None:
-        self.membership.join(ALICE, "a.example")
-        self.membership.join(ALICE, "c.example")
-        self.membership.join(ALICE, "b.example")  # ourselves: never a destination
+        share_room(self.membership, ALICE, "a.example")
+        share_room(self.membership, ALICE, "c.example")
+        share_room(self.membership, ALICE, "b.example")  # ourselves: never a destination
         self.assertEqual(self.successResultOf(self.handler.create_device(ALICE, "D1", "phone")), 1)
         self.assertEqual(self.successResultOf(self.handler.create_device(ALICE, "D2")), 2)
         self.clock.advance(5)  # a later change
@@ -66,10 +67,10 @@ class DeviceTests(HandlerCase):
 
     def test_destinations_follow_membership(self) -> None:
         self.successResultOf(self.handler.create_device(ALICE, "D1"))
-        self.membership.join(ALICE, "a.example")
+        share_room(self.membership, ALICE, "a.example")
         self.successResultOf(self.handler.rename_device(ALICE, "D1", "x"))
-        self.membership.leave(ALICE, "a.example")
-        self.membership.leave(ALICE, "never.example")
+        unshare_room(self.membership, ALICE, "a.example")
+        unshare_room(self.membership, ALICE, "never.example")
         self.successResultOf(self.handler.rename_device(ALICE, "D1", "y"))
         self.assertEqual(
             self.successResultOf(self.store.get_pending("a.example", 10)),
@@ -139,7 +140,7 @@ class DeviceTests(HandlerCase):
 class KeyUploadTests(HandlerCase):
     def setUp(self) -> None:
         super().setUp()
-        self.membership.join(ALICE, "a.example")
+        share_room(self.membership, ALICE, "a.example")
         self.successResultOf(self.handler.create_device(ALICE, "D1", "phone"))
         self.device = ClientDevice(ALICE, "D1")
         self.notified.clear()
@@ -286,7 +287,7 @@ class KeyUploadTests(HandlerCase):
 class CrossSigningTests(HandlerCase):
     def setUp(self) -> None:
         super().setUp()
-        self.membership.join(ALICE, "a.example")
+        share_room(self.membership, ALICE, "a.example")
         self.cs = CrossSigning(ALICE)
 
     def test_upload_all_three(self) -> None:
@@ -381,7 +382,7 @@ class CrossSigningTests(HandlerCase):
 class SignatureUploadTests(HandlerCase):
     def setUp(self) -> None:
         super().setUp()
-        self.membership.join(ALICE, "a.example")
+        share_room(self.membership, ALICE, "a.example")
         self.cs = CrossSigning(ALICE)
         self.bob_cs = CrossSigning(BOB)
         self.d1 = ClientDevice(ALICE, "D1")
@@ -575,7 +576,7 @@ class QueryClaimTests(HandlerCase):
         self.assertIn(REMOTE, error.msg)
 
     def test_snapshot(self) -> None:
-        self.membership.join(ALICE, "a.example")
+        share_room(self.membership, ALICE, "a.example")
         self.successResultOf(self.handler.rename_device(ALICE, "D1", "renamed"))
         body = self.successResultOf(self.handler.user_devices_snapshot(ALICE, "a.example"))
         self.assertEqual(body["user_id"], ALICE)
@@ -693,7 +694,7 @@ class AnswerCacheTests(HandlerCase):
         return body
 
     def test_reused_until_the_stream_moves(self) -> None:
-        self.membership.join(ALICE, "c.example")
+        share_room(self.membership, ALICE, "c.example")
         first = self.serve("a.example")
         self.assertEqual(first, self.successResultOf(self.handler.user_devices_snapshot(ALICE)))
         self.successResultOf(self.handler.rename_device(ALICE, "D0", "renamed"))  # 7, pending for c
