@@ -26,6 +26,7 @@ test: $(VENV)/.installed
 
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
+	$(BIN)/ruff check --select F devicelist_plugin tests twisted bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp* .mypy_cache .hypothesis

@@ -40,7 +40,8 @@ from devicelist_plugin.membership import InMemoryMembership
 from devicelist_plugin.storage.types import PendingRow
 from tests.federation.test_auth import DictKeyLookup
 from tests.helpers import FakeNetwork
-from tests.local.harness import NOW_S, open_inline_store
+from tests.helpers.store import open_inline_store
+from tests.local.harness import NOW_S
 from tests.local.keys import ClientDevice, CrossSigning
 from tests.helpers.membership import share_room
 

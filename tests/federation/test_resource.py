@@ -10,20 +10,19 @@ import treq
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IConsumer
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.web.iweb import IResponse
 from twisted.web.server import Request, Site
-from zope.interface import implementer
 
 from devicelist_plugin import __version__
 from devicelist_plugin.core.models import JsonDict
+from devicelist_plugin.federation.client import BytesProducer
 from devicelist_plugin.federation.errors import (
     M_FORBIDDEN,
     M_INVALID_PARAM,
@@ -55,28 +54,6 @@ async def echo(request: JsonRequest) -> tuple[int, JsonDict]:
         "content": request.content,
         "origin": request.origin,
     }
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """Produces a request body at once (treq's default needs the global reactor)."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self.body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 def in_memory_client(resource: JsonResource) -> tuple[HTTPClient, RequestTraversalAgent]:

@@ -30,6 +30,8 @@ from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from twisted.web.server import Site
 from zope.interface import directlyProvides, implementer
 
+from devicelist_plugin.federation.client import BytesProducer
+
 from .faults import Fault, FaultKind
 
 if TYPE_CHECKING:
@@ -232,28 +234,8 @@ def recorded_body(
     if isinstance(producer, FileBodyProducer):
         # Its cooperator would run on the global reactor: read the file now.
         record.body = producer._inputFile.read()
-        return _BytesProducer(record.body)
+        return BytesProducer(record.body)
     return _RecordingProducer(producer, record)
-
-
-@implementer(IBodyProducer)
-class _BytesProducer:
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self.body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 @implementer(IBodyProducer)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock
@@ -11,8 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from devicelist_plugin.federation.errors import MatrixError
 from devicelist_plugin.local.handler import LocalDeviceHandler
 from devicelist_plugin.membership import InMemoryMembership
-from devicelist_plugin.storage import Store
-from tests.helpers.store import dump_store, open_inline_store
+from tests.helpers.store import open_inline_store
 
 NOW_S = 1_700_000_000
 

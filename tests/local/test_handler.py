@@ -14,7 +14,8 @@ from devicelist_plugin.federation.errors import M_BAD_JSON, M_INVALID_PARAM, M_N
 from devicelist_plugin.local import handler as handler_module
 from devicelist_plugin.local.handler import LocalDeviceHandler
 from devicelist_plugin.storage.types import PendingRow
-from tests.local.harness import NOW_S, HandlerCase, dump_store
+from tests.helpers.store import dump_store
+from tests.local.harness import NOW_S, HandlerCase
 from tests.local.keys import ClientDevice, CrossSigning
 from tests.helpers.membership import share_room, unshare_room
 
