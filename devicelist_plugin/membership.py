@@ -14,8 +14,11 @@ a room with a local user (they must be sent the user's current devices,
 Synapse #11374), and remote users no longer sharing any room (their cache is
 dropped, Synapse #13651).
 
-:class:`InMemoryMembership` keeps room memberships in memory; a host with its
-own room state implements the protocol over it.
+:class:`InMemoryMembership` keeps room memberships in memory;
+:class:`~devicelist_plugin.membership_store.StoreMembership` keeps them in the
+database (the standalone server); a host with its own room state implements
+the protocol over it.  Both built-in sources compute the transitions with
+the pure functions of :mod:`devicelist_plugin.core.membership`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ from typing import Callable, Protocol
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from devicelist_plugin.core.parse import ParseError, server_name_of
+from devicelist_plugin.core.membership import (
+    join_concerns,
+    leave_concerns,
+    server_of,
+    servers_newly_sharing_on_join,
+    untracked_on_leave,
+)
 
 
 class MembershipListener(Protocol):
@@ -70,14 +79,14 @@ class InMemoryMembership:
         self._listeners: list[MembershipListener] = []
 
     def _is_local(self, user_id: str) -> bool:
-        return _server_of(user_id) == self._own
+        return server_of(user_id) == self._own
 
     def _servers_for_local(self, user_id: str) -> frozenset[str]:
         servers: set[str] = set()
         for members in self._rooms.values():
             if user_id in members:
-                servers.update(_server_of(m) for m in members)
-        return frozenset(servers - {self._own})
+                servers.update(server_of(m) for m in members)
+        return frozenset(servers - {self._own, ""})
 
     def _remote_tracked(self, user_id: str) -> bool:
         return any(
@@ -85,32 +94,29 @@ class InMemoryMembership:
             for members in self._rooms.values()
         )
 
-    def _local_users(self) -> set[str]:
-        return {m for members in self._rooms.values() for m in members if self._is_local(m)}
-
     def join(self, room_id: str, user_id: str) -> None:
         """``user_id`` (local or remote) is now joined to ``room_id``."""
-        locals_before = {u: self._servers_for_local(u) for u in self._local_users()}
+        members = self._rooms.get(room_id, set())
+        concerned = join_concerns(self._own, user_id, members)
+        before = {u: self._servers_for_local(u) for u in concerned}
+        newly = servers_newly_sharing_on_join(self._own, user_id, frozenset(members), before)
         self._rooms.setdefault(room_id, set()).add(user_id)
-        for local_user in self._local_users():
-            new = self._servers_for_local(local_user) - locals_before.get(local_user, frozenset())
-            if new:
-                self._notify(lambda l: l.servers_newly_sharing(local_user, new))
+        for local_user, servers in sorted(newly.items()):
+            self._notify(lambda l: l.servers_newly_sharing(local_user, servers))
 
     def leave(self, room_id: str, user_id: str) -> None:
         """``user_id`` left ``room_id`` (a no-op if it was not joined)."""
         members = self._rooms.get(room_id)
         if members is None or user_id not in members:
             return
-        remote_before = {m for m in members if not self._is_local(m) and self._remote_tracked(m)}
+        before = frozenset(members)
         members.discard(user_id)
         if not members:
             del self._rooms[room_id]
-        # a departing local user can untrack the room's remote users; a
-        # departing remote user can untrack itself
-        for remote in sorted(remote_before):
-            if not self._remote_tracked(remote):
-                self._notify(lambda l: l.remote_user_untracked(remote))
+        concerned = leave_concerns(self._own, user_id, before)
+        after = {remote: self._remote_tracked(remote) for remote in concerned}
+        for remote in untracked_on_leave(self._own, user_id, before, after):
+            self._notify(lambda l: l.remote_user_untracked(remote))
 
     def servers_sharing_room(self, user_id: str) -> "Deferred[frozenset[str]]":
         return succeed(self._servers_for_local(user_id))
@@ -127,11 +133,3 @@ class InMemoryMembership:
                 call(listener)
             except Exception:
                 self.log.failure("membership listener failed")
-
-
-def _server_of(user_id: str) -> str:
-    try:
-        return server_name_of(user_id)
-    except ParseError:
-        return ""
-

@@ -84,7 +84,9 @@ class HttpResponseError(FederationClientError):
     ``errcode`` and ``message`` come from the remote's ``{"errcode", "error"}``
     body when it had one (``message`` falls back to the status line's reason
     phrase).  They are remote text: log them, decide on ``code``/``errcode``,
-    never pass them on as our own error.
+    never pass them on as our own error.  ``retry_after_ms`` is the body's
+    ``retry_after_ms`` (a rate-limited answer, 429 ``M_LIMIT_EXCEEDED``) when
+    it is a non-negative integer.
     """
 
     def __init__(
@@ -94,12 +96,14 @@ class HttpResponseError(FederationClientError):
         message: str,
         *,
         destination: Optional[str] = None,
+        retry_after_ms: Optional[int] = None,
     ) -> None:
         super().__init__(code, errcode, message)
         self.code = code
         self.errcode = errcode
         self.message = message
         self.destination = destination
+        self.retry_after_ms = retry_after_ms
 
     def __str__(self) -> str:
         where = f"{self.destination} answered " if self.destination else ""
@@ -469,6 +473,7 @@ def _error_from_body(
     code: int, phrase: bytes, raw: bytes, destination: str
 ) -> HttpResponseError:
     errcode: Optional[str] = None
+    retry_after_ms: Optional[int] = None
     message = phrase.decode("ascii", "replace")
     try:
         parsed = json.loads(raw.decode("utf-8"))
@@ -479,4 +484,9 @@ def _error_from_body(
             errcode = parsed["errcode"][:_MAX_ERROR_TEXT]
         if isinstance(parsed.get("error"), str):
             message = parsed["error"][:_MAX_ERROR_TEXT]
-    return HttpResponseError(code, errcode, message, destination=destination)
+        retry_after = parsed.get("retry_after_ms")
+        if isinstance(retry_after, int) and not isinstance(retry_after, bool) and retry_after >= 0:
+            retry_after_ms = retry_after
+    return HttpResponseError(
+        code, errcode, message, destination=destination, retry_after_ms=retry_after_ms
+    )

@@ -21,17 +21,25 @@ from typing import Collection, Iterable, Mapping, Optional, Protocol, Sequence
 
 from twisted.internet.defer import Deferred
 
-from devicelist_plugin.core.models import CrossSigningKey, RemoteDevice, UserDevicesResponse
+from devicelist_plugin.core.models import (
+    CrossSigningKey,
+    DeviceListUpdate,
+    RemoteDevice,
+    UserDevicesResponse,
+)
 from devicelist_plugin.storage.types import (
     ClaimResult,
     CrossSigningSignature,
+    InboxEntry,
     InflightTransaction,
     JsonDict,
     KeyJson,
     LocalDevice,
     LocalUserKeys,
     PendingRow,
+    RemoteBatchResult,
     RemoteSyncState,
+    RemoteUserCache,
     RetryState,
     SentItem,
     ServerKeyFailure,
@@ -39,6 +47,8 @@ from devicelist_plugin.storage.types import (
     StaleRemoteUser,
     StreamChange,
 )
+
+from devicelist_plugin.storage.types import OutboundRowCounts, PendingBatch
 
 
 class IDeviceListStore(Protocol):
@@ -326,10 +336,90 @@ class IDeviceListStore(Protocol):
     def set_retry_state(self, destination: str, state: Optional[RetryState]) -> "Deferred[None]":
         """Store (or with None reset) the destination's backoff state."""
 
+    # -- outbound: the sender's reads, chain resets, dead destinations ---------
+
+    def get_outbound_batch(self, destination: str, limit: int) -> "Deferred[PendingBatch]":
+        """The destination's next pending updates (as :meth:`get_pending`),
+        the unreferenced ids of their users and the destination's chain
+        resets, read in one transaction."""
+
+    def destinations_pending_for_user(self, user_id: str) -> "Deferred[list[str]]":
+        """The destinations with pending updates of the user, sorted."""
+
+    def destinations_to_send(self) -> "Deferred[list[str]]":
+        """Destinations with pending updates, an in-flight transaction or a
+        chain reset, sorted: what the sender schedules at start-up."""
+
+    def add_chain_resets(self, pairs: Collection[tuple[str, str]]) -> "Deferred[None]":
+        """Record that the prev_id chain of each ``(destination, user_id)``
+        must restart from ``[]`` (a newly sharing server, a destination
+        whose pending updates were dropped); idempotent."""
+
+    def prepare_chain_resets(self, destination: str, now_ms: int) -> "Deferred[frozenset[str]]":
+        """Queue, for each user with a chain reset for the destination, the
+        user's latest device change (so that an EDU of the user goes out at
+        an id the destination cannot have seen if it missed anything) and,
+        the first time, record that id as the one the restart must reach;
+        drop the resets of users that never had a device change.  Returns
+        the users whose reset remains."""
+
+    def begin_outbound_transaction(
+        self,
+        destination: str,
+        txn_id: str,
+        payload: JsonDict,
+        consumed_resets: Collection[str],
+    ) -> "Deferred[None]":
+        """Persist the transaction about to be sent (as
+        :meth:`set_inflight_txn`) and, atomically, delete the chain resets
+        of ``consumed_resets`` (the users whose restart it completes)."""
+
+    def compact_destination(self, destination: str) -> "Deferred[int]":
+        """Drop the destination's pending device updates, leaving one chain
+        reset per user they concerned; return how many rows were dropped.
+        Pending signing-key updates (one per user) and the in-flight
+        transaction are kept."""
+
+    def count_outbound_rows(self, destination: str) -> "Deferred[OutboundRowCounts]":
+        """How many pending, unreferenced and chain-reset rows the destination has."""
+
+    # -- room memberships (the standalone server's MembershipSource) -----------
+
+    def join_room(
+        self, room_id: str, user_id: str, own_server_name: str
+    ) -> "Deferred[dict[str, frozenset[str]]]":
+        """Record that ``user_id`` joined ``room_id``; return, per local
+        user, the servers that newly share a room with it
+        (:func:`~devicelist_plugin.core.membership.servers_newly_sharing_on_join`),
+        and record a chain reset for each such (server, local user) in the
+        same transaction.  Joining again changes nothing."""
+
+    def leave_room(
+        self, room_id: str, user_id: str, own_server_name: str
+    ) -> "Deferred[list[str]]":
+        """Record that ``user_id`` left ``room_id``; return the remote users
+        no longer sharing a room with any local user
+        (:func:`~devicelist_plugin.core.membership.untracked_on_leave`)."""
+
+    def get_servers_sharing_room(
+        self, user_id: str, own_server_name: str
+    ) -> "Deferred[frozenset[str]]":
+        """The servers (never ``own_server_name``) sharing a room with the user."""
+
+    def is_user_tracked(self, user_id: str, own_server_name: str) -> "Deferred[bool]":
+        """Whether the user shares a room with a user of ``own_server_name``."""
+
+    def get_room_members(self, room_id: str) -> "Deferred[list[str]]":
+        """The room's members, sorted."""
+
     # -- remote cache ------------------------------------------------------------
 
     def get_remote_sync_state(self, user_id: str) -> "Deferred[Optional[RemoteSyncState]]":
         """What is known of a remote user's list; None for an untracked user."""
+
+    def get_remote_cache(self, user_id: str) -> "Deferred[RemoteUserCache]":
+        """A remote user's sync state, devices and cross-signing keys, read in
+        one transaction (what a key query answers from)."""
 
     def apply_remote_updates(
         self,
@@ -342,11 +432,40 @@ class IDeviceListStore(Protocol):
         replace the known stream ids (trimmed to the newest window).
 
         Creates the user's sync row if missing.  A device both upserted and
-        deleted is a ``ValueError``: collapse the batch first.
+        deleted is a ``ValueError``: collapse the batch first.  Devices
+        written here carry no stream id (any later update supersedes them);
+        the updater uses :meth:`apply_remote_batch`.
+        """
+
+    def apply_remote_batch(
+        self,
+        user_id: str,
+        applied: Sequence[DeviceListUpdate],
+        known_ids: Optional[Collection[int]],
+        processed_stream_ids: Collection[int],
+        stale_reason: Optional[str],
+        now_ms: int,
+    ) -> "Deferred[RemoteBatchResult]":
+        """Commit one decision on a user's queued EDUs, atomically.
+
+        Each of ``applied`` (in order) replaces its device's cached entry, or
+        deletes it leaving a tombstone with its stream id, unless the cache
+        holds that device at a higher stream id (a snapshot's devices are at
+        the snapshot's id; ``core.inbound.supersedes``).  ``known_ids``
+        (when not None) replaces the known stream ids; ``stale_reason``
+        (when not None) makes a stale mark, whose generation is returned;
+        the inbox rows of ``processed_stream_ids`` are deleted.  Returns the
+        device ids whose entry changed.
         """
 
     def mark_remote_stale(self, user_id: str, reason: str, now_ms: int) -> "Deferred[int]":
         """Durably mark the user stale; return the new stale generation."""
+
+    def set_remote_resync_backoff(
+        self, user_id: str, attempts: int, retry_ts: Optional[int]
+    ) -> "Deferred[None]":
+        """Record the user's failed resync attempts and when to try next
+        (a no-op for a user without a sync row); a snapshot resets both."""
 
     def replace_remote_snapshot(
         self,
@@ -357,13 +476,15 @@ class IDeviceListStore(Protocol):
     ) -> "Deferred[bool]":
         """Replace the user's devices and cross-signing keys by a resync answer.
 
-        Sets the snapshot stream id, empties the known ids and clears stale
-        marks up to ``generation`` (the stale generation read before the
-        resync started; 0 for a user never marked).  Returns True if the user
-        is no longer stale, False if a newer mark was made meanwhile and
-        survives (Synapse #9866).  A snapshot whose generation is below one
-        already applied comes from a resync overtaken by a later one and
-        changes nothing.
+        Sets the snapshot stream id (also each device's stream id), empties
+        the known ids and the deletion tombstones, resets the per-user resync
+        backoff, and clears stale marks up to ``generation`` (the stale
+        generation read before the resync started; 0 for a user never
+        marked).  Returns True if the user is no longer stale, False if a
+        newer mark was made meanwhile and survives (Synapse #9866).  A
+        snapshot whose generation is below one already applied comes from a
+        resync overtaken by a later one and changes nothing.  Queued EDUs
+        (the inbox) are kept: the caller re-runs them against the snapshot.
         """
 
     def get_remote_devices(self, user_id: str) -> "Deferred[list[RemoteDevice]]":
@@ -377,11 +498,28 @@ class IDeviceListStore(Protocol):
     ) -> "Deferred[None]":
         """Cache a remote cross-signing key (from ``m.signing_key_update``)."""
 
+    def set_remote_cross_signing_keys(
+        self, user_id: str, keys: Mapping[str, CrossSigningKey]
+    ) -> "Deferred[None]":
+        """Cache several remote cross-signing keys (by usage) in one transaction."""
+
     def drop_remote_user(self, user_id: str) -> "Deferred[None]":
-        """Forget everything about a remote user (Synapse #13651)."""
+        """Forget everything about a remote user, queued EDUs included (Synapse #13651)."""
 
     def list_stale_remote_users(self) -> "Deferred[list[StaleRemoteUser]]":
         """Remote users due a resync, longest stale first."""
+
+    def queue_remote_update(
+        self, user_id: str, stream_id: int, content: JsonDict, now_ms: int
+    ) -> "Deferred[bool]":
+        """Durably queue a received ``m.device_list_update`` (its validated
+        content); False when that (user, stream id) is already queued."""
+
+    def get_remote_inbox(self, user_id: str) -> "Deferred[list[InboxEntry]]":
+        """The user's queued EDUs in stream id order."""
+
+    def list_remote_inbox_users(self) -> "Deferred[list[str]]":
+        """The users with queued EDUs, sorted."""
 
     # -- server keys ---------------------------------------------------------------
 

@@ -23,8 +23,10 @@ from typing import TYPE_CHECKING, Any, Collection, Iterable, Mapping, Optional, 
 
 from twisted.internet.defer import Deferred, fail, succeed
 
+from devicelist_plugin.core.inbound import supersedes
 from devicelist_plugin.core.models import (
     CrossSigningKey,
+    DeviceListUpdate,
     RemoteDevice,
     UserDevicesResponse,
 )
@@ -48,6 +50,7 @@ from devicelist_plugin.storage.types import (
     KIND_DEVICE,
     KIND_SIGNING_KEY,
     CrossSigningSignature,
+    InboxEntry,
     InflightTransaction,
     JsonDict,
     KeyedDevice,
@@ -55,7 +58,9 @@ from devicelist_plugin.storage.types import (
     LocalDevice,
     LocalUserKeys,
     PendingRow,
+    RemoteBatchResult,
     RemoteSyncState,
+    RemoteUserCache,
     RetryState,
     SentItem,
     ServerKeyFailure,
@@ -64,6 +69,16 @@ from devicelist_plugin.storage.types import (
     StreamChange,
     StreamKind,
 )
+
+from devicelist_plugin.core.membership import (
+    join_concerns,
+    leave_concerns,
+    server_of,
+    servers_newly_sharing_on_join,
+    untracked_on_leave,
+)
+from devicelist_plugin.storage.engines import Isolation
+from devicelist_plugin.storage.types import OutboundRowCounts, PendingBatch
 
 if TYPE_CHECKING:
     from devicelist_plugin.storage.interface import IDeviceListStore
@@ -1042,6 +1057,311 @@ class Store:
         return self.database.run("set_retry_state", txn)
 
     # ------------------------------------------------------------------
+    # Outbound: the sender's reads, chain resets, dead destinations
+    # (devicelist_plugin/replication/sender.py)
+    # ------------------------------------------------------------------
+
+    def get_outbound_batch(self, destination: str, limit: int) -> "Deferred[PendingBatch]":
+        if limit < 1:
+            return fail(ValueError("limit must be at least 1"))
+
+        def txn(t: Txn) -> PendingBatch:
+            rows = [
+                PendingRow(user_id, _pending_device(kind, device_id), int(stream_id))
+                for user_id, kind, device_id, stream_id in t.query(
+                    "SELECT user_id, kind, device_id, stream_id FROM outbound_pending"
+                    " WHERE destination = ?"
+                    " ORDER BY stream_id, user_id, kind, device_id LIMIT ?",
+                    (destination, limit),
+                )
+            ]
+            users = sorted({row.user_id for row in rows})
+            unreferenced = {user_id: frozenset[int]() for user_id in users}
+            for chunk in _chunks(users):
+                for user_id, text in t.query(
+                    "SELECT user_id, stream_ids_json FROM outbound_unreferenced"
+                    f" WHERE destination = ? AND user_id IN ({_marks(len(chunk))})",
+                    [destination, *chunk],
+                ):
+                    unreferenced[user_id] = frozenset(int(i) for i in loads(text))
+            resets = {
+                user_id: None if stream_id is None else int(stream_id)
+                for user_id, stream_id in t.query(
+                    "SELECT user_id, stream_id FROM outbound_chain_resets WHERE destination = ?",
+                    (destination,),
+                )
+            }
+            return PendingBatch(tuple(rows), unreferenced, resets)
+
+        return self.database.run("get_outbound_batch", txn, readonly=True)
+
+    def destinations_pending_for_user(self, user_id: str) -> "Deferred[list[str]]":
+        def txn(t: Txn) -> list[str]:
+            rows = t.query(
+                "SELECT DISTINCT destination FROM outbound_pending WHERE user_id = ?"
+                " ORDER BY destination",
+                (user_id,),
+            )
+            return [r[0] for r in rows]
+
+        return self.database.run("destinations_pending_for_user", txn, readonly=True)
+
+    def destinations_to_send(self) -> "Deferred[list[str]]":
+        def txn(t: Txn) -> list[str]:
+            rows = t.query(
+                "SELECT destination FROM outbound_pending"
+                " UNION SELECT destination FROM outbound_destinations"
+                " WHERE inflight_txn_id IS NOT NULL"
+                " UNION SELECT destination FROM outbound_chain_resets"
+                " ORDER BY 1"
+            )
+            return [r[0] for r in rows]
+
+        return self.database.run("destinations_to_send", txn, readonly=True)
+
+    def add_chain_resets(self, pairs: Collection[tuple[str, str]]) -> "Deferred[None]":
+        rows = sorted(set(pairs))
+
+        def txn(t: Txn) -> None:
+            self._add_chain_resets(t, rows)
+
+        return self.database.run("add_chain_resets", txn)
+
+    @staticmethod
+    def _add_chain_resets(t: Txn, pairs: Sequence[tuple[str, str]]) -> None:
+        t.executemany(
+            "INSERT INTO outbound_chain_resets (destination, user_id) VALUES (?, ?)"
+            " ON CONFLICT (destination, user_id) DO NOTHING",
+            pairs,
+        )
+
+    def prepare_chain_resets(self, destination: str, now_ms: int) -> "Deferred[frozenset[str]]":
+        def txn(t: Txn) -> frozenset[str]:
+            resets = t.query(
+                "SELECT user_id, stream_id FROM outbound_chain_resets WHERE destination = ?"
+                " ORDER BY user_id",
+                (destination,),
+            )
+            kept = set()
+            for user_id, target in resets:
+                latest = t.query_one(
+                    "SELECT device_id, stream_id FROM local_device_stream"
+                    " WHERE user_id = ? AND kind = ? ORDER BY stream_id DESC LIMIT 1",
+                    (user_id, KIND_DEVICE),
+                )
+                if latest is None:
+                    # no device ever changed: there is no chain to restart
+                    t.execute(
+                        "DELETE FROM outbound_chain_resets WHERE destination = ? AND user_id = ?",
+                        (destination, user_id),
+                    )
+                    continue
+                self._enqueue_pending(
+                    t, (destination,), user_id, latest[0], int(latest[1]), now_ms
+                )
+                if target is None:
+                    t.execute(
+                        "UPDATE outbound_chain_resets SET stream_id = ?"
+                        " WHERE destination = ? AND user_id = ?",
+                        (int(latest[1]), destination, user_id),
+                    )
+                kept.add(user_id)
+            return frozenset(kept)
+
+        return self.database.run("prepare_chain_resets", txn)
+
+    def begin_outbound_transaction(
+        self,
+        destination: str,
+        txn_id: str,
+        payload: JsonDict,
+        consumed_resets: Collection[str],
+    ) -> "Deferred[None]":
+        text = dumps(payload)
+        users = sorted(set(consumed_resets))
+
+        def txn(t: Txn) -> None:
+            t.execute(
+                "INSERT INTO outbound_destinations"
+                " (destination, inflight_txn_id, inflight_payload_json) VALUES (?, ?, ?)"
+                " ON CONFLICT (destination) DO UPDATE SET"
+                " inflight_txn_id = excluded.inflight_txn_id,"
+                " inflight_payload_json = excluded.inflight_payload_json",
+                (destination, txn_id, text),
+            )
+            t.executemany(
+                "DELETE FROM outbound_chain_resets WHERE destination = ? AND user_id = ?",
+                [(destination, user_id) for user_id in users],
+            )
+
+        return self.database.run("begin_outbound_transaction", txn)
+
+    def compact_destination(self, destination: str) -> "Deferred[int]":
+        def txn(t: Txn) -> int:
+            dropped = t.query(
+                "DELETE FROM outbound_pending WHERE destination = ? AND kind = ?"
+                " RETURNING user_id",
+                (destination, KIND_DEVICE),
+            )
+            users = sorted({r[0] for r in dropped})
+            self._add_chain_resets(t, [(destination, user_id) for user_id in users])
+            return len(dropped)
+
+        return self.database.run("compact_destination", txn)
+
+    def count_outbound_rows(self, destination: str) -> "Deferred[OutboundRowCounts]":
+        def txn(t: Txn) -> OutboundRowCounts:
+            def count(sql: str) -> int:
+                row = t.query_one(sql, (destination,))
+                return 0 if row is None else int(row[0])
+
+            return OutboundRowCounts(
+                pending=count("SELECT COUNT(*) FROM outbound_pending WHERE destination = ?"),
+                unreferenced=count(
+                    "SELECT COUNT(*) FROM outbound_unreferenced WHERE destination = ?"
+                ),
+                chain_resets=count(
+                    "SELECT COUNT(*) FROM outbound_chain_resets WHERE destination = ?"
+                ),
+            )
+
+        return self.database.run("count_outbound_rows", txn, readonly=True)
+
+    # ------------------------------------------------------------------
+    # Room memberships (devicelist_plugin/membership_store.py)
+    # ------------------------------------------------------------------
+
+    def join_room(
+        self, room_id: str, user_id: str, own_server_name: str
+    ) -> "Deferred[dict[str, frozenset[str]]]":
+        def txn(t: Txn) -> dict[str, frozenset[str]]:
+            members = {
+                r[0]
+                for r in t.query(
+                    "SELECT user_id FROM room_memberships WHERE room_id = ?", (room_id,)
+                )
+            }
+            concerned = sorted(join_concerns(own_server_name, user_id, members))
+            joiner = server_of(user_id)
+            sharing: dict[str, frozenset[str]] = {}
+            if joiner == own_server_name:
+                for local_user in concerned:
+                    sharing[local_user] = self._servers_sharing_room(
+                        t, local_user, own_server_name
+                    )
+            elif concerned:
+                # which local members already share a room with the joiner's server
+                already: set[str] = set()
+                for chunk in _chunks(concerned):
+                    already.update(
+                        r[0]
+                        for r in t.query(
+                            "SELECT DISTINCT a.user_id FROM room_memberships a"
+                            " JOIN room_memberships b ON b.room_id = a.room_id"
+                            f" WHERE b.server_name = ? AND a.user_id IN ({_marks(len(chunk))})",
+                            [joiner, *chunk],
+                        )
+                    )
+                sharing = {u: frozenset({joiner}) for u in already}
+            newly = servers_newly_sharing_on_join(own_server_name, user_id, members, sharing)
+            t.execute(
+                "INSERT INTO room_memberships (room_id, user_id, server_name) VALUES (?, ?, ?)"
+                " ON CONFLICT (room_id, user_id) DO NOTHING",
+                (room_id, user_id, joiner),
+            )
+            # Durable fan-out: the chain of each newly sharing server restarts
+            # (the sender then sends at least one EDU of the user) even if
+            # the process dies before the listeners have run.
+            self._add_chain_resets(
+                t,
+                sorted(
+                    (server, local_user)
+                    for local_user, servers in newly.items()
+                    for server in servers
+                ),
+            )
+            return newly
+
+        # SERIALIZABLE on PostgreSQL: two joins of one room, each reading the
+        # members before the other's commit, must not both miss the sharing.
+        return self.database.run("join_room", txn, isolation=Isolation.SERIALIZABLE)
+
+    def leave_room(
+        self, room_id: str, user_id: str, own_server_name: str
+    ) -> "Deferred[list[str]]":
+        def txn(t: Txn) -> list[str]:
+            members = {
+                r[0]
+                for r in t.query(
+                    "SELECT user_id FROM room_memberships WHERE room_id = ?", (room_id,)
+                )
+            }
+            if user_id not in members:
+                return []
+            t.execute(
+                "DELETE FROM room_memberships WHERE room_id = ? AND user_id = ?",
+                (room_id, user_id),
+            )
+            concerned = sorted(leave_concerns(own_server_name, user_id, members))
+            tracked: set[str] = set()
+            for chunk in _chunks(concerned):
+                tracked.update(
+                    r[0]
+                    for r in t.query(
+                        "SELECT DISTINCT a.user_id FROM room_memberships a"
+                        " JOIN room_memberships b ON b.room_id = a.room_id"
+                        f" WHERE b.server_name = ? AND a.user_id IN ({_marks(len(chunk))})",
+                        [own_server_name, *chunk],
+                    )
+                )
+            return untracked_on_leave(
+                own_server_name, user_id, members, {u: True for u in tracked}
+            )
+
+        return self.database.run("leave_room", txn, isolation=Isolation.SERIALIZABLE)
+
+    @staticmethod
+    def _servers_sharing_room(t: Txn, user_id: str, own_server_name: str) -> frozenset[str]:
+        rows = t.query(
+            "SELECT DISTINCT b.server_name FROM room_memberships a"
+            " JOIN room_memberships b ON b.room_id = a.room_id"
+            " WHERE a.user_id = ? AND b.server_name <> ? AND b.server_name <> ''",
+            (user_id, own_server_name),
+        )
+        return frozenset(r[0] for r in rows)
+
+    def get_servers_sharing_room(
+        self, user_id: str, own_server_name: str
+    ) -> "Deferred[frozenset[str]]":
+        return self.database.run(
+            "get_servers_sharing_room",
+            lambda t: self._servers_sharing_room(t, user_id, own_server_name),
+            readonly=True,
+        )
+
+    def is_user_tracked(self, user_id: str, own_server_name: str) -> "Deferred[bool]":
+        def txn(t: Txn) -> bool:
+            row = t.query_one(
+                "SELECT 1 FROM room_memberships a"
+                " JOIN room_memberships b ON b.room_id = a.room_id"
+                " WHERE a.user_id = ? AND b.server_name = ? LIMIT 1",
+                (user_id, own_server_name),
+            )
+            return row is not None
+
+        return self.database.run("is_user_tracked", txn, readonly=True)
+
+    def get_room_members(self, room_id: str) -> "Deferred[list[str]]":
+        def txn(t: Txn) -> list[str]:
+            rows = t.query(
+                "SELECT user_id FROM room_memberships WHERE room_id = ? ORDER BY user_id",
+                (room_id,),
+            )
+            return [r[0] for r in rows]
+
+        return self.database.run("get_room_members", txn, readonly=True)
+
+    # ------------------------------------------------------------------
     # Remote cache
     # ------------------------------------------------------------------
 
@@ -1069,30 +1389,92 @@ class Store:
         keys = None if device.keys is None else dumps(device.keys.raw)
         return (user_id, device.device_id, device.display_name, keys)
 
+    @staticmethod
+    def _read_remote_sync_state(t: Txn, user_id: str) -> Optional[RemoteSyncState]:
+        row = t.query_one(
+            "SELECT snapshot_stream_id, stale_generation, cleared_generation, stale_reason,"
+            " stale_since_ts, last_resync_ts, resync_attempts, resync_retry_ts"
+            " FROM remote_sync_state WHERE user_id = ?",
+            (user_id,),
+        )
+        if row is None:
+            return None
+        known = t.query(
+            "SELECT stream_id FROM remote_known_stream_ids WHERE user_id = ?", (user_id,)
+        )
+        return RemoteSyncState(
+            user_id=user_id,
+            snapshot_stream_id=None if row[0] is None else int(row[0]),
+            known_ids=frozenset(int(r[0]) for r in known),
+            stale_generation=int(row[1]),
+            cleared_generation=int(row[2]),
+            stale_reason=row[3],
+            stale_since_ts=None if row[4] is None else int(row[4]),
+            last_resync_ts=None if row[5] is None else int(row[5]),
+            resync_attempts=int(row[6]),
+            resync_retry_ts=None if row[7] is None else int(row[7]),
+        )
+
+    @staticmethod
+    def _read_remote_devices(t: Txn, user_id: str) -> list[RemoteDevice]:
+        rows = t.query(
+            "SELECT device_id, display_name, keys_json FROM remote_devices"
+            " WHERE user_id = ? ORDER BY device_id",
+            (user_id,),
+        )
+        return [
+            RemoteDevice(
+                device_id=device_id,
+                keys=(
+                    None
+                    if text is None
+                    else device_keys_from_json(loads(text), user_id, device_id)
+                ),
+                display_name=display_name,
+            )
+            for device_id, display_name, text in rows
+        ]
+
+    @staticmethod
+    def _read_remote_cross_signing_keys(t: Txn, user_id: str) -> dict[str, CrossSigningKey]:
+        rows = t.query(
+            "SELECT usage, key_json FROM remote_cross_signing_keys WHERE user_id = ?",
+            (user_id,),
+        )
+        return {usage: cross_signing_key_from_json(loads(text), user_id) for usage, text in rows}
+
+    @staticmethod
+    def _mark_remote_stale(t: Txn, user_id: str, reason: str, now_ms: int) -> int:
+        row = t.query_one(
+            "INSERT INTO remote_sync_state"
+            " (user_id, stale_generation, stale_reason, stale_since_ts) VALUES (?, 1, ?, ?)"
+            " ON CONFLICT (user_id) DO UPDATE SET"
+            " stale_generation = remote_sync_state.stale_generation + 1,"
+            " stale_reason = excluded.stale_reason,"
+            " stale_since_ts = CASE"
+            " WHEN remote_sync_state.stale_generation > remote_sync_state.cleared_generation"
+            " THEN remote_sync_state.stale_since_ts ELSE excluded.stale_since_ts END"
+            " RETURNING stale_generation",
+            (user_id, reason, now_ms),
+        )
+        assert row is not None
+        return int(row[0])
+
     def get_remote_sync_state(self, user_id: str) -> "Deferred[Optional[RemoteSyncState]]":
         def txn(t: Txn) -> Optional[RemoteSyncState]:
-            row = t.query_one(
-                "SELECT snapshot_stream_id, stale_generation, cleared_generation, stale_reason,"
-                " stale_since_ts, last_resync_ts FROM remote_sync_state WHERE user_id = ?",
-                (user_id,),
-            )
-            if row is None:
-                return None
-            known = t.query(
-                "SELECT stream_id FROM remote_known_stream_ids WHERE user_id = ?", (user_id,)
-            )
-            return RemoteSyncState(
-                user_id=user_id,
-                snapshot_stream_id=None if row[0] is None else int(row[0]),
-                known_ids=frozenset(int(r[0]) for r in known),
-                stale_generation=int(row[1]),
-                cleared_generation=int(row[2]),
-                stale_reason=row[3],
-                stale_since_ts=None if row[4] is None else int(row[4]),
-                last_resync_ts=None if row[5] is None else int(row[5]),
-            )
+            return self._read_remote_sync_state(t, user_id)
 
         return self.database.run("get_remote_sync_state", txn, readonly=True)
+
+    def get_remote_cache(self, user_id: str) -> "Deferred[RemoteUserCache]":
+        def txn(t: Txn) -> RemoteUserCache:
+            return RemoteUserCache(
+                state=self._read_remote_sync_state(t, user_id),
+                devices=tuple(self._read_remote_devices(t, user_id)),
+                cross_signing_keys=self._read_remote_cross_signing_keys(t, user_id),
+            )
+
+        return self.database.run("get_remote_cache", txn, readonly=True)
 
     def apply_remote_updates(
         self,
@@ -1122,24 +1504,95 @@ class Store:
 
         return self.database.run("apply_remote_updates", txn)
 
+    def apply_remote_batch(
+        self,
+        user_id: str,
+        applied: Sequence[DeviceListUpdate],
+        known_ids: Optional[Collection[int]],
+        processed_stream_ids: Collection[int],
+        stale_reason: Optional[str],
+        now_ms: int,
+    ) -> "Deferred[RemoteBatchResult]":
+        for update in applied:
+            if update.user_id != user_id:
+                return fail(ValueError(f"update of {update.user_id!r} passed for {user_id!r}"))
+        processed = sorted(set(processed_stream_ids))
+
+        def txn(t: Txn) -> RemoteBatchResult:
+            if applied or known_ids is not None or stale_reason is not None:
+                self._lock_remote_user(t, user_id)
+            changed: set[str] = set()
+            for update in applied:
+                if self._apply_remote_update(t, update):
+                    changed.add(update.device_id)
+            if known_ids is not None:
+                self._replace_known_ids(t, user_id, known_ids)
+            generation = None
+            if stale_reason is not None:
+                generation = self._mark_remote_stale(t, user_id, stale_reason, now_ms)
+            t.executemany(
+                "DELETE FROM remote_device_inbox WHERE user_id = ? AND stream_id = ?",
+                [(user_id, stream_id) for stream_id in processed],
+            )
+            return RemoteBatchResult(tuple(sorted(changed)), generation)
+
+        return self.database.run("apply_remote_batch", txn)
+
+    @staticmethod
+    def _apply_remote_update(t: Txn, update: DeviceListUpdate) -> bool:
+        """Apply one EDU to its device unless the cache holds a later change."""
+        key = (update.user_id, update.device_id)
+        row = t.query_one(
+            "SELECT stream_id FROM remote_devices WHERE user_id = ? AND device_id = ?", key
+        )
+        if row is None:
+            row = t.query_one(
+                "SELECT stream_id FROM remote_deleted_devices WHERE user_id = ? AND device_id = ?",
+                key,
+            )
+        cached = None if row is None or row[0] is None else int(row[0])
+        if not supersedes(update, cached):
+            return False
+        if update.deleted:
+            t.execute("DELETE FROM remote_devices WHERE user_id = ? AND device_id = ?", key)
+            t.execute(
+                "INSERT INTO remote_deleted_devices (user_id, device_id, stream_id)"
+                " VALUES (?, ?, ?) ON CONFLICT (user_id, device_id) DO UPDATE SET"
+                " stream_id = excluded.stream_id",
+                (*key, update.stream_id),
+            )
+        else:
+            keys = None if update.keys is None else dumps(update.keys.raw)
+            t.execute(
+                "INSERT INTO remote_devices"
+                " (user_id, device_id, display_name, keys_json, stream_id)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (user_id, device_id) DO UPDATE SET"
+                " display_name = excluded.display_name, keys_json = excluded.keys_json,"
+                " stream_id = excluded.stream_id",
+                (*key, update.display_name, keys, update.stream_id),
+            )
+            t.execute(
+                "DELETE FROM remote_deleted_devices WHERE user_id = ? AND device_id = ?", key
+            )
+        return True
+
     def mark_remote_stale(self, user_id: str, reason: str, now_ms: int) -> "Deferred[int]":
         def txn(t: Txn) -> int:
-            row = t.query_one(
-                "INSERT INTO remote_sync_state"
-                " (user_id, stale_generation, stale_reason, stale_since_ts) VALUES (?, 1, ?, ?)"
-                " ON CONFLICT (user_id) DO UPDATE SET"
-                " stale_generation = remote_sync_state.stale_generation + 1,"
-                " stale_reason = excluded.stale_reason,"
-                " stale_since_ts = CASE"
-                " WHEN remote_sync_state.stale_generation > remote_sync_state.cleared_generation"
-                " THEN remote_sync_state.stale_since_ts ELSE excluded.stale_since_ts END"
-                " RETURNING stale_generation",
-                (user_id, reason, now_ms),
-            )
-            assert row is not None
-            return int(row[0])
+            return self._mark_remote_stale(t, user_id, reason, now_ms)
 
         return self.database.run("mark_remote_stale", txn)
+
+    def set_remote_resync_backoff(
+        self, user_id: str, attempts: int, retry_ts: Optional[int]
+    ) -> "Deferred[None]":
+        def txn(t: Txn) -> None:
+            t.execute(
+                "UPDATE remote_sync_state SET resync_attempts = ?, resync_retry_ts = ?"
+                " WHERE user_id = ?",
+                (attempts, retry_ts, user_id),
+            )
+
+        return self.database.run("set_remote_resync_backoff", txn)
 
     def replace_remote_snapshot(
         self,
@@ -1150,7 +1603,9 @@ class Store:
     ) -> "Deferred[bool]":
         if snapshot.user_id != user_id:
             return fail(ValueError(f"snapshot of {snapshot.user_id!r} passed for {user_id!r}"))
-        device_rows = [self._remote_device_row(user_id, d) for d in snapshot.devices]
+        device_rows = [
+            (*self._remote_device_row(user_id, d), snapshot.stream_id) for d in snapshot.devices
+        ]
         key_rows = [
             (user_id, usage, dumps(key.raw))
             for usage, key in (
@@ -1168,8 +1623,11 @@ class Store:
                 return stale_generation <= cleared_generation
             t.execute("DELETE FROM remote_devices WHERE user_id = ?", (user_id,))
             t.insert_many(
-                "remote_devices", ("user_id", "device_id", "display_name", "keys_json"), device_rows
+                "remote_devices",
+                ("user_id", "device_id", "display_name", "keys_json", "stream_id"),
+                device_rows,
             )
+            t.execute("DELETE FROM remote_deleted_devices WHERE user_id = ?", (user_id,))
             t.execute("DELETE FROM remote_cross_signing_keys WHERE user_id = ?", (user_id,))
             t.insert_many("remote_cross_signing_keys", ("user_id", "usage", "key_json"), key_rows)
             self._replace_known_ids(t, user_id, ())
@@ -1178,7 +1636,7 @@ class Store:
             still_stale = stale_generation > cleared
             t.execute(
                 "UPDATE remote_sync_state SET snapshot_stream_id = ?, cleared_generation = ?,"
-                " last_resync_ts = ?,"
+                " last_resync_ts = ?, resync_attempts = 0, resync_retry_ts = NULL,"
                 " stale_reason = CASE WHEN ? THEN stale_reason ELSE NULL END,"
                 " stale_since_ts = CASE WHEN ? THEN stale_since_ts ELSE NULL END"
                 " WHERE user_id = ?",
@@ -1190,35 +1648,13 @@ class Store:
 
     def get_remote_devices(self, user_id: str) -> "Deferred[list[RemoteDevice]]":
         def txn(t: Txn) -> list[RemoteDevice]:
-            rows = t.query(
-                "SELECT device_id, display_name, keys_json FROM remote_devices"
-                " WHERE user_id = ? ORDER BY device_id",
-                (user_id,),
-            )
-            return [
-                RemoteDevice(
-                    device_id=device_id,
-                    keys=(
-                        None
-                        if text is None
-                        else device_keys_from_json(loads(text), user_id, device_id)
-                    ),
-                    display_name=display_name,
-                )
-                for device_id, display_name, text in rows
-            ]
+            return self._read_remote_devices(t, user_id)
 
         return self.database.run("get_remote_devices", txn, readonly=True)
 
     def get_remote_cross_signing_keys(self, user_id: str) -> "Deferred[dict[str, CrossSigningKey]]":
         def txn(t: Txn) -> dict[str, CrossSigningKey]:
-            rows = t.query(
-                "SELECT usage, key_json FROM remote_cross_signing_keys WHERE user_id = ?",
-                (user_id,),
-            )
-            return {
-                usage: cross_signing_key_from_json(loads(text), user_id) for usage, text in rows
-            }
+            return self._read_remote_cross_signing_keys(t, user_id)
 
         return self.database.run("get_remote_cross_signing_keys", txn, readonly=True)
 
@@ -1240,12 +1676,33 @@ class Store:
 
         return self.database.run("set_remote_cross_signing_key", txn)
 
+    def set_remote_cross_signing_keys(
+        self, user_id: str, keys: Mapping[str, CrossSigningKey]
+    ) -> "Deferred[None]":
+        for usage in keys:
+            error = _bad_usage(usage)
+            if error is not None:
+                return fail(error)
+        rows = [(user_id, usage, dumps(key.raw)) for usage, key in sorted(keys.items())]
+
+        def txn(t: Txn) -> None:
+            self._lock_remote_user(t, user_id)
+            t.executemany(
+                "INSERT INTO remote_cross_signing_keys (user_id, usage, key_json) VALUES (?, ?, ?)"
+                " ON CONFLICT (user_id, usage) DO UPDATE SET key_json = excluded.key_json",
+                rows,
+            )
+
+        return self.database.run("set_remote_cross_signing_keys", txn)
+
     def drop_remote_user(self, user_id: str) -> "Deferred[None]":
         def txn(t: Txn) -> None:
             for table in (
                 "remote_devices",
+                "remote_deleted_devices",
                 "remote_cross_signing_keys",
                 "remote_known_stream_ids",
+                "remote_device_inbox",
                 "remote_sync_state",
             ):
                 t.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,))
@@ -1255,16 +1712,58 @@ class Store:
     def list_stale_remote_users(self) -> "Deferred[list[StaleRemoteUser]]":
         def txn(t: Txn) -> list[StaleRemoteUser]:
             rows = t.query(
-                "SELECT user_id, stale_generation, stale_reason, stale_since_ts"
+                "SELECT user_id, stale_generation, stale_reason, stale_since_ts, resync_retry_ts"
                 " FROM remote_sync_state WHERE stale_generation > cleared_generation"
                 " ORDER BY stale_since_ts, user_id"
             )
             return [
-                StaleRemoteUser(user_id, int(gen), reason, None if since is None else int(since))
-                for user_id, gen, reason, since in rows
+                StaleRemoteUser(
+                    user_id,
+                    int(gen),
+                    reason,
+                    None if since is None else int(since),
+                    None if retry is None else int(retry),
+                )
+                for user_id, gen, reason, since, retry in rows
             ]
 
         return self.database.run("list_stale_remote_users", txn, readonly=True)
+
+    def queue_remote_update(
+        self, user_id: str, stream_id: int, content: JsonDict, now_ms: int
+    ) -> "Deferred[bool]":
+        text = dumps(content)
+
+        def txn(t: Txn) -> bool:
+            row = t.query_one(
+                "INSERT INTO remote_device_inbox (user_id, stream_id, content_json, received_ts)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (user_id, stream_id) DO NOTHING RETURNING 1",
+                (user_id, stream_id, text, now_ms),
+            )
+            return row is not None
+
+        return self.database.run("queue_remote_update", txn)
+
+    def get_remote_inbox(self, user_id: str) -> "Deferred[list[InboxEntry]]":
+        def txn(t: Txn) -> list[InboxEntry]:
+            rows = t.query(
+                "SELECT stream_id, content_json, received_ts FROM remote_device_inbox"
+                " WHERE user_id = ? ORDER BY stream_id",
+                (user_id,),
+            )
+            return [
+                InboxEntry(user_id, int(stream_id), loads(text), int(received))
+                for stream_id, text, received in rows
+            ]
+
+        return self.database.run("get_remote_inbox", txn, readonly=True)
+
+    def list_remote_inbox_users(self) -> "Deferred[list[str]]":
+        def txn(t: Txn) -> list[str]:
+            rows = t.query("SELECT DISTINCT user_id FROM remote_device_inbox ORDER BY user_id")
+            return [row[0] for row in rows]
+
+        return self.database.run("list_remote_inbox_users", txn, readonly=True)
 
     # ------------------------------------------------------------------
     # Remote server keys

@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Optional, Union
 
+from devicelist_plugin.core.models import CrossSigningKey, RemoteDevice
+
 JsonDict = dict[str, Any]
 # A one-time or fallback key as uploaded: a bare base64 string for
 # ``curve25519``, an object with ``key`` and ``signatures`` for
@@ -127,6 +129,30 @@ class InflightTransaction:
 
 
 @dataclass(frozen=True)
+class PendingBatch:
+    """What the sender reads to build a destination's next transaction."""
+
+    # up to ``limit`` pending updates in stream order (a prefix of each
+    # user's, as :meth:`get_pending`)
+    rows: tuple[PendingRow, ...]
+    # the unreferenced ids of every user in ``rows`` (empty when none)
+    unreferenced: Mapping[str, frozenset[int]]
+    # the users whose chain to the destination must restart (every user with
+    # a chain reset, whether or not in ``rows``), each with the stream id an
+    # EDU must reach to end the restart (None until prepared)
+    resets: Mapping[str, Optional[int]]
+
+
+@dataclass(frozen=True)
+class OutboundRowCounts:
+    """How many outbound rows are kept for one destination."""
+
+    pending: int
+    unreferenced: int
+    chain_resets: int
+
+
+@dataclass(frozen=True)
 class RetryState:
     """Backoff bookkeeping for one destination (all times in ms)."""
 
@@ -160,10 +186,22 @@ class RemoteSyncState:
     stale_reason: Optional[str]
     stale_since_ts: Optional[int]
     last_resync_ts: Optional[int]
+    # consecutive resyncs that failed for a reason of this user's own (the
+    # remote answered 4xx for it, a malformed or oversized list)
+    resync_attempts: int = 0
+    # no resync before this time (ms) after such a failure; None: any time
+    resync_retry_ts: Optional[int] = None
 
     @property
     def stale(self) -> bool:
         return self.stale_generation > self.cleared_generation
+
+    @property
+    def cached(self) -> bool:
+        """Whether a snapshot was ever stored: only then do the cached
+        devices mean anything (a row may exist for a stale mark or a
+        cross-signing key alone)."""
+        return self.snapshot_stream_id is not None
 
 
 @dataclass(frozen=True)
@@ -175,6 +213,41 @@ class StaleRemoteUser:
     generation: int
     reason: Optional[str]
     since_ts: Optional[int]
+    # no resync before this time (ms); None: any time (see RemoteSyncState)
+    retry_ts: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class InboxEntry:
+    """An ``m.device_list_update`` EDU taken from a transaction, not yet
+    decided on (or held, or waiting for a resync to finish)."""
+
+    user_id: str
+    stream_id: int
+    # the EDU's content as received (validated before it was queued)
+    content: JsonDict
+    received_ts: int
+
+
+@dataclass(frozen=True)
+class RemoteBatchResult:
+    """What :meth:`apply_remote_batch` did."""
+
+    # devices whose cached entry changed (updated, added or deleted), sorted
+    changed_device_ids: tuple[str, ...]
+    # the new stale generation when a stale mark was made, else None
+    stale_generation: Optional[int]
+
+
+@dataclass(frozen=True)
+class RemoteUserCache:
+    """A remote user's cached list, read in one transaction."""
+
+    state: Optional[RemoteSyncState]
+    # ordered by device id
+    devices: tuple[RemoteDevice, ...]
+    # by usage
+    cross_signing_keys: Mapping[str, CrossSigningKey]
 
 
 @dataclass(frozen=True)
