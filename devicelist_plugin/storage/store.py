@@ -1603,17 +1603,6 @@ class Store:
     ) -> "Deferred[bool]":
         if snapshot.user_id != user_id:
             return fail(ValueError(f"snapshot of {snapshot.user_id!r} passed for {user_id!r}"))
-        device_rows = [
-            (*self._remote_device_row(user_id, d), snapshot.stream_id) for d in snapshot.devices
-        ]
-        key_rows = [
-            (user_id, usage, dumps(key.raw))
-            for usage, key in (
-                ("master", snapshot.master_key),
-                ("self_signing", snapshot.self_signing_key),
-            )
-            if key is not None
-        ]
 
         def txn(t: Txn) -> bool:
             stale_generation, cleared_generation = self._lock_remote_user(t, user_id)
@@ -1621,6 +1610,20 @@ class Store:
                 # A resync that started later already stored its answer: this
                 # older one must not overwrite it.
                 return stale_generation <= cleared_generation
+            # encoded here, in the database thread: a big list costs the
+            # reactor nothing
+            device_rows = [
+                (*self._remote_device_row(user_id, d), snapshot.stream_id)
+                for d in snapshot.devices
+            ]
+            key_rows = [
+                (user_id, usage, dumps(key.raw))
+                for usage, key in (
+                    ("master", snapshot.master_key),
+                    ("self_signing", snapshot.self_signing_key),
+                )
+                if key is not None
+            ]
             t.execute("DELETE FROM remote_devices WHERE user_id = ?", (user_id,))
             t.insert_many(
                 "remote_devices",

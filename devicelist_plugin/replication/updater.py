@@ -1,0 +1,1243 @@
+"""The inbound updater: keeps an exact cache of remote users' device lists.
+
+Where EDUs come from
+--------------------
+:meth:`RemoteDeviceListUpdater.receive_device_list_update` takes the content
+of an ``m.device_list_update`` EDU (from ``/send``, or from a host that runs
+its own): it is validated (:func:`~devicelist_plugin.core.parse.parse_device_list_update`,
+a :class:`~devicelist_plugin.core.parse.ParseError` names the bad field),
+its ``user_id`` must belong to the sending server and be tracked (share a
+room with a local user, :meth:`MembershipSource.is_tracked`), and it is then
+queued durably in the store's inbox (``remote_device_inbox``) before the call
+returns, so a transaction is acknowledged only once its EDUs survive a
+crash.  Ignored EDUs are counted in :attr:`RemoteDeviceListUpdater.stats`.
+
+Per-user processing
+-------------------
+Each remote user has one worker loop; users run in parallel, one user's
+work is serialised.  A pass reads the user's sync state and every queued
+EDU, decides on them as one batch (:func:`devicelist_plugin.core.inbound.decide`)
+and commits the decision in one store transaction
+(:meth:`apply_remote_batch`): the APPLY-ed updates (each replacing its
+device unless the cache holds that device at a higher stream id, deletions
+leaving a tombstone), the new known stream ids, the stale mark when a resync
+is needed, and the removal of every EDU decided on.  Held EDUs stay queued
+and are decided again with the next pass; once the oldest queued EDU has
+waited ``hold_grace`` seconds the batch is decided with ``allow_hold=False``
+(an unknown ``prev_id`` is then a lost update).  Listeners hear of the
+changed device ids.
+
+EDUs deferred to a resync are removed from the queue: the fetch that clears
+the stale mark starts after they arrived, so its snapshot holds them.  EDUs
+that arrive *while* a fetch is in flight stay queued and are decided after
+the snapshot is stored, against its ``stream_id``: those it covers are
+skipped, those chained to it applied, and none forces a second fetch it
+did not need.
+
+Resync
+------
+A stale user is fetched with ``GET /_matrix/federation/v1/user/devices/{userId}``
+(``resync_timeout``, 30 s), inside the user's worker so no pass interleaves.
+The answer is validated: a wrong ``user_id`` or a malformed body rejects it,
+malformed devices are skipped and logged with their field path, and an
+answer listing more than ``max_devices_per_user`` devices is refused (never
+stored truncated: a list missing devices is worse than a stale one).  The
+snapshot replaces the cache atomically with the stale generation read before
+the fetch (:meth:`replace_remote_snapshot`), so a mark made meanwhile (by
+another process) survives and causes another resync.  Cross-signing keys come
+with it; ``m.signing_key_update`` EDUs received during the fetch are
+re-applied after it.
+
+Retries
+-------
+Failures are of two kinds:
+
+* **the server** (connection refused, timeout, TLS, 5xx, 429, an invalid
+  body, the endpoint missing): counted once in the shared
+  :class:`~devicelist_plugin.replication.retry.DestinationRetryTracker`, so the
+  sender backs off too and vice versa.  While a server backs off its stale
+  users wait in one queue with one timer; when it is due a single user is
+  tried (the probe) and only after a success do the others go, at most
+  ``resyncs_per_server`` at a time.  10,000 stale users on a dead server cost
+  one request per backoff period.  A server that contacts us (a valid signed
+  request) is retried at once (the tracker's wake listeners).
+* **the user** (the server answered 4xx for that user, a malformed or
+  oversized list): that user alone backs off (``user_backoff``), persisted
+  in its sync row.
+
+Stale marks, queued EDUs and both kinds of backoff are in the database:
+:meth:`start` lists stale users and queued EDUs and schedules them.
+
+Cross-signing
+-------------
+:meth:`receive_signing_key_update` takes ``m.signing_key_update`` (and
+``org.matrix.signing_key_update``): validated, origin- and tracking-checked,
+its master and self-signing keys stored in one transaction before it
+returns, listeners notified.
+
+Tracking
+--------
+When a remote user no longer shares a room with any local user
+(:meth:`remote_user_untracked`) its cache, state and queue are dropped (a
+fetch in flight is cancelled); a later query fetches fresh.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import inspect
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Mapping, Optional, Protocol
+from urllib.parse import quote
+
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from devicelist_plugin.core.backoff import MINUTE, BackoffPolicy
+from devicelist_plugin.core.inbound import (
+    Action,
+    BatchDecision,
+    RemoteUserState,
+    decide,
+)
+from devicelist_plugin.core.models import (
+    USAGE_MASTER,
+    USAGE_SELF_SIGNING,
+    CrossSigningKey,
+    DeviceListUpdate,
+    JsonDict,
+    UserDevicesResponse,
+)
+from devicelist_plugin.core.parse import (
+    ParseError,
+    parse_device_list_update,
+    parse_signing_key_update,
+    parse_user_devices_response,
+    server_name_of,
+)
+from devicelist_plugin.core.serialize import device_list_update_to_json
+from devicelist_plugin.federation.client import (
+    FederationClientError,
+    HttpResponseError,
+    NotRetryingDestination,
+    RequestSendFailed,
+    ResponseTooLargeError,
+)
+from devicelist_plugin.federation.errors import M_UNRECOGNIZED
+from devicelist_plugin.local.handler import CpuRunner, run_inline
+from devicelist_plugin.membership import MembershipSource
+from devicelist_plugin.replication.inbound_concurrency import (
+    DestinationLimiter,
+    SharedResult,
+)
+from devicelist_plugin.replication.retry import DestinationRetryTracker
+from devicelist_plugin.storage.interface import IDeviceListStore
+from devicelist_plugin.storage.types import InboxEntry, RemoteSyncState
+
+__all__ = [
+    "ChangeListener",
+    "RemoteDeviceListChange",
+    "RemoteDeviceListUpdater",
+    "ResyncFailure",
+    "UpdaterConfig",
+    "USER_DEVICES_PATH_PREFIX",
+]
+
+USER_DEVICES_PATH_PREFIX = "/_matrix/federation/v1/user/devices/"
+
+HOUR = 60 * MINUTE
+DAY = 24 * HOUR
+
+# How many skipped devices of one answer are logged one by one.
+_MAX_LOGGED_PROBLEMS = 10
+
+
+@dataclass(frozen=True)
+class UpdaterConfig:
+    """Tuning of :class:`RemoteDeviceListUpdater`.
+
+    :ivar hold_grace: seconds an EDU whose ``prev_id`` is unknown waits for
+        its predecessor before the user is resynced (reordering costs no
+        fetch).
+    :ivar resync_timeout: seconds for one ``GET /user/devices``.
+    :ivar max_devices_per_user: a resync answer listing more devices is
+        refused (and logged); the user stays stale and backs off.  Synapse
+        ignores lists over 1,000 devices (#5445); we store big bot accounts
+        (10,000+ devices) and refuse only what no real account has.
+    :ivar resyncs_per_server: resyncs in flight to one healthy server.
+    :ivar user_backoff: the per-user backoff after an error about that user.
+    :ivar store_retry_delay: seconds before a user's work is retried after
+        a storage error.
+    """
+
+    hold_grace: float = 2.0
+    resync_timeout: float = 30.0
+    max_devices_per_user: int = 50_000
+    resyncs_per_server: int = 5
+    user_backoff: BackoffPolicy = BackoffPolicy(
+        min_interval=5 * MINUTE, multiplier=2.0, max_interval=DAY
+    )
+    store_retry_delay: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("hold_grace", "store_retry_delay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if self.resync_timeout <= 0:
+            raise ValueError("resync_timeout must be positive")
+        for name in ("max_devices_per_user", "resyncs_per_server"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+
+@dataclass(frozen=True)
+class RemoteDeviceListChange:
+    """What changed in the cache of one remote user.
+
+    :ivar device_ids: devices whose entry was added, changed or removed.
+    :ivar cross_signing: the user's cross-signing keys (may have) changed.
+    :ivar resync: the whole list was replaced by a snapshot.
+    """
+
+    user_id: str
+    device_ids: tuple[str, ...]
+    cross_signing: bool = False
+    resync: bool = False
+
+
+ChangeListener = Callable[[RemoteDeviceListChange], object]
+
+
+@dataclass(frozen=True)
+class ResyncFailure:
+    """Why a resync did not happen: ``status`` and ``message`` as a
+    ``/keys/query`` ``failures`` entry wants them."""
+
+    destination: str
+    status: int
+    message: str
+
+    def to_json(self) -> JsonDict:
+        return {"status": self.status, "message": self.message}
+
+
+class UserDevicesClient(Protocol):
+    """What the updater needs of :class:`~devicelist_plugin.federation.client.FederationClient`."""
+
+    def get_json(
+        self,
+        destination: str,
+        path: str,
+        args: Any = None,
+        timeout: Optional[float] = None,
+    ) -> Awaitable[JsonDict]: ...
+
+
+class _Outcome(enum.Enum):
+    DONE = "done"
+    SERVER_FAILED = "server_failed"
+    USER_FAILED = "user_failed"
+    ABORTED = "aborted"
+
+
+@dataclass
+class _UserSlot:
+    """In-memory state of one remote user's worker."""
+
+    running: bool = False
+    again: bool = False
+    resync_granted: bool = False
+    drop_pending: bool = False
+    hold_call: Optional[IDelayedCall] = None
+    retry_call: Optional[IDelayedCall] = None
+    fetch: Optional[Deferred[JsonDict]] = None
+    fetching: bool = False
+    epoch: int = 0
+    signing_during_fetch: list[dict[str, CrossSigningKey]] = field(default_factory=list)
+    # the outcome of the next resync attempt, shared by the queries waiting
+    next_result: Optional[Deferred[Optional[ResyncFailure]]] = None
+    shared: Optional[SharedResult[Optional[ResyncFailure]]] = None
+
+
+@dataclass
+class _ServerQueue:
+    """The stale users of one remote server waiting for a resync."""
+
+    name: str
+    # insertion-ordered: the next to go first
+    pending: dict[str, None] = field(default_factory=dict)
+    running: set[str] = field(default_factory=set)
+    timer: Optional[IDelayedCall] = None
+    # one user at a time until one succeeds: after a failure, and for a
+    # server we know nothing of yet (start-up, or idle for a while)
+    probing: bool = True
+    # bumped each time a failure is recorded in the tracker: attempts that
+    # started before it (in flight together) do not count again
+    failure_epoch: int = 0
+    pumping: bool = False
+    pump_again: bool = False
+
+
+class _RetryHeap:
+    """One timer for many (key, time) entries: per-user retries at scale."""
+
+    def __init__(self, clock: IReactorTime, fire: Callable[[str], None]) -> None:
+        self._clock = clock
+        self._fire = fire
+        self._due: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._call: Optional[IDelayedCall] = None
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._due
+
+    def schedule(self, key: str, at: float) -> None:
+        self._due[key] = at
+        heapq.heappush(self._heap, (at, key))
+        self._arm()
+
+    def discard(self, key: str) -> None:
+        self._due.pop(key, None)
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        self._due.clear()
+        self._heap.clear()
+
+    def _arm(self) -> None:
+        while self._heap and self._due.get(self._heap[0][1]) != self._heap[0][0]:
+            heapq.heappop(self._heap)  # superseded or discarded
+        if not self._heap:
+            if self._call is not None and self._call.active():
+                self._call.cancel()
+            self._call = None
+            return
+        at = self._heap[0][0]
+        if self._call is not None and self._call.active():
+            if self._call.getTime() <= at:
+                return
+            self._call.cancel()
+        self._call = self._clock.callLater(max(0.0, at - self._clock.seconds()), self._run)
+
+    def _run(self) -> None:
+        self._call = None
+        now = self._clock.seconds()
+        due: list[str] = []
+        while self._heap and self._heap[0][0] <= now:
+            at, key = heapq.heappop(self._heap)
+            if self._due.get(key) == at:
+                del self._due[key]
+                due.append(key)
+        for key in due:
+            self._fire(key)
+        self._arm()
+
+
+def _core_state(sync: Optional[RemoteSyncState]) -> Optional[RemoteUserState]:
+    """The core's view of a sync row: None while no snapshot was stored."""
+    if sync is None:
+        return None
+    if not sync.cached:
+        if sync.stale:
+            return RemoteUserState(snapshot_stream_id=None, known_ids=frozenset(), stale=True)
+        return None
+    return RemoteUserState(
+        snapshot_stream_id=sync.snapshot_stream_id, known_ids=sync.known_ids, stale=sync.stale
+    )
+
+
+def user_devices_path(user_id: str) -> str:
+    return USER_DEVICES_PATH_PREFIX + quote(user_id, safe="")
+
+
+class RemoteDeviceListUpdater:
+    """See the module docstring.
+
+    :param server_name: our server name (EDUs about our own users are ignored).
+    :param store: the remote cache.
+    :param client: the federation client (``GET /user/devices``).
+    :param clock: every timer and timestamp.
+    :param membership: who is tracked; the updater registers as its listener.
+    :param retry_tracker: per-destination backoff shared with the sender;
+        the updater registers as its wake listener.
+    :param limiter: requests in flight per destination, shared with the key
+        querier.
+    :param cpu_runner: where big answers are parsed (a thread on a real reactor).
+    :param jitter: the per-user backoff's jitter source.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        server_name: str,
+        store: IDeviceListStore,
+        client: UserDevicesClient,
+        clock: IReactorTime,
+        membership: MembershipSource,
+        retry_tracker: DestinationRetryTracker,
+        *,
+        limiter: Optional[DestinationLimiter] = None,
+        config: UpdaterConfig = UpdaterConfig(),
+        cpu_runner: CpuRunner = run_inline,
+        jitter: Callable[[float, float], float] = random.uniform,
+        known_ids_window: Optional[int] = None,
+    ) -> None:
+        self.server_name = server_name
+        self.config = config
+        self._store = store
+        self._client = client
+        self._clock = clock
+        self._membership = membership
+        self._tracker = retry_tracker
+        self._limiter = limiter if limiter is not None else DestinationLimiter()
+        self._cpu_runner = cpu_runner
+        self._jitter = jitter
+        window = known_ids_window
+        if window is None:
+            window = int(getattr(store, "known_ids_window", 100))
+        self._window = window
+        #: counters: EDU outcomes, decision reasons, resync outcomes
+        self.stats: Counter[str] = Counter()
+        self._listeners: list[ChangeListener] = []
+        self._slots: dict[str, _UserSlot] = {}
+        self._servers: dict[str, _ServerQueue] = {}
+        self._loops: set[Deferred[None]] = set()
+        self._user_retries = _RetryHeap(clock, self._user_retry_due)
+        self._stopped = False
+        retry_tracker.add_wake_listener(self._on_wake)
+        membership.add_listener(self)
+
+    # ------------------------------------------------------------------
+    # lifecycle
+
+    def start(self) -> "Deferred[None]":
+        """Resume the persisted work: queued EDUs and stale users."""
+        return Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        self._stopped = False
+        for user_id in await self._store.list_remote_inbox_users():
+            self._kick(user_id)
+        now_ms = self._now_ms()
+        stale = await self._store.list_stale_remote_users()
+        servers: set[str] = set()
+        for user in stale:
+            if user.retry_ts is not None and user.retry_ts > now_ms:
+                self._user_retries.schedule(user.user_id, user.retry_ts / 1000.0)
+                continue
+            queue = self._server_for(user.user_id)
+            if queue is not None and user.user_id not in queue.running:
+                queue.pending[user.user_id] = None
+                servers.add(queue.name)
+        for name in sorted(servers):
+            queue = self._servers.get(name)
+            if queue is not None:
+                self._pump(queue)
+        if stale:
+            self.log.info(
+                "{count} remote user(s) pending a device-list resync, on {servers} server(s)",
+                count=len(stale),
+                servers=len(servers),
+            )
+
+    def stop(self) -> "Deferred[None]":
+        """Cancel every timer and fetch; fires when the workers have ended."""
+        self._stopped = True
+        self._user_retries.stop()
+        for queue in self._servers.values():
+            if queue.timer is not None and queue.timer.active():
+                queue.timer.cancel()
+            queue.timer = None
+        self._servers.clear()
+        for user_id, slot in list(self._slots.items()):
+            for call in (slot.hold_call, slot.retry_call):
+                if call is not None and call.active():
+                    call.cancel()
+            slot.hold_call = slot.retry_call = None
+            if slot.fetch is not None:
+                slot.fetch.cancel()
+            self._fire_waiters(
+                slot, ResyncFailure(_server_or_none(user_id) or "", 503, "Server is stopping")
+            )
+        loops = list(self._loops)
+        d: Deferred[Any] = DeferredList(loops, consumeErrors=True)
+        d.addCallback(lambda _: None)
+        return d
+
+    def add_listener(self, listener: ChangeListener) -> None:
+        """Call ``listener(change)`` after every committed change of the cache."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: ChangeListener) -> None:
+        self._listeners.remove(listener)
+
+    # ------------------------------------------------------------------
+    # EDUs in
+
+    def receive_device_list_update(self, origin: str, content: object) -> "Deferred[Optional[str]]":
+        """Take an ``m.device_list_update`` EDU from ``origin``.
+
+        Fires with None once it is durably queued, or with the reason it was
+        ignored (``wrong_origin``, ``local_user``, ``not_tracked``).  Fails
+        with :class:`ParseError` for a malformed EDU and with the store's
+        error when it could not be queued (the transaction must then fail).
+        """
+        return Deferred.fromCoroutine(self._receive_device_list_update(origin, content))
+
+    async def _receive_device_list_update(self, origin: str, content: object) -> Optional[str]:
+        update = parse_device_list_update(content)
+        ignored = await self._check_sender(origin, update.user_id, "m.device_list_update")
+        if ignored is not None:
+            return ignored
+        queued = await self._store.queue_remote_update(
+            update.user_id,
+            update.stream_id,
+            device_list_update_to_json(update),
+            self._now_ms(),
+        )
+        self.stats["edu_queued" if queued else "edu_already_queued"] += 1
+        self._kick(update.user_id)
+        return None
+
+    def receive_signing_key_update(self, origin: str, content: object) -> "Deferred[Optional[str]]":
+        """Take an ``m.signing_key_update`` (or ``org.matrix.signing_key_update``)
+        EDU from ``origin``: its keys are stored before this fires (None, or
+        the reason it was ignored); fails like :meth:`receive_device_list_update`."""
+        return Deferred.fromCoroutine(self._receive_signing_key_update(origin, content))
+
+    async def _receive_signing_key_update(self, origin: str, content: object) -> Optional[str]:
+        update = parse_signing_key_update(content)
+        ignored = await self._check_sender(origin, update.user_id, "m.signing_key_update")
+        if ignored is not None:
+            return ignored
+        keys: dict[str, CrossSigningKey] = {}
+        if update.master_key is not None:
+            keys[USAGE_MASTER] = update.master_key
+        if update.self_signing_key is not None:
+            keys[USAGE_SELF_SIGNING] = update.self_signing_key
+        if not keys:
+            self.stats["signing_key_update_empty"] += 1
+            return "no_keys"
+        await self._store.set_remote_cross_signing_keys(update.user_id, keys)
+        self.stats["signing_key_update_stored"] += 1
+        slot = self._slots.get(update.user_id)
+        if slot is not None and slot.fetching:
+            # the snapshot in flight may predate these keys: re-apply after it
+            slot.signing_during_fetch.append(keys)
+        self._notify(RemoteDeviceListChange(update.user_id, (), cross_signing=True))
+        return None
+
+    async def _check_sender(self, origin: str, user_id: str, what: str) -> Optional[str]:
+        server = server_name_of(user_id)
+        if server != origin:
+            self.stats["edu_wrong_origin"] += 1
+            self.log.warn(
+                "Ignoring {what} for {user_id} sent by {origin}: the user is not on that server",
+                what=what,
+                user_id=user_id,
+                origin=origin,
+            )
+            return "wrong_origin"
+        if server == self.server_name:
+            self.stats["edu_local_user"] += 1
+            return "local_user"
+        if not await self._membership.is_tracked(user_id):
+            self.stats["edu_not_tracked"] += 1
+            self.log.debug(
+                "Ignoring {what} for {user_id}: shares no room with a local user",
+                what=what,
+                user_id=user_id,
+            )
+            return "not_tracked"
+        return None
+
+    # ------------------------------------------------------------------
+    # membership
+
+    def servers_newly_sharing(self, local_user_id: str, servers: frozenset[str]) -> object:
+        """(The sender's concern.)"""
+        return None
+
+    def remote_user_untracked(self, remote_user_id: str) -> object:
+        """Drop the user's cache, state and queued EDUs (Synapse #13651)."""
+        if self._stopped:
+            return None
+        slot = self._slot(remote_user_id)
+        slot.epoch += 1
+        if slot.fetch is not None:
+            slot.fetch.cancel()
+        if slot.hold_call is not None and slot.hold_call.active():
+            slot.hold_call.cancel()
+        slot.hold_call = None
+        self._user_retries.discard(remote_user_id)
+        queue = self._servers.get(_server_or_none(remote_user_id) or "")
+        if queue is not None:
+            queue.pending.pop(remote_user_id, None)
+        slot.drop_pending = True
+        self._kick(remote_user_id)
+        return None
+
+    # ------------------------------------------------------------------
+    # queries
+
+    def is_resync_pending(self, user_id: str) -> bool:
+        """Whether a resync of the user is queued or in flight in this process."""
+        queue = self._servers.get(_server_or_none(user_id) or "")
+        in_queue = queue is not None and (user_id in queue.pending or user_id in queue.running)
+        return in_queue or user_id in self._user_retries
+
+    def request_resync(self, user_id: str) -> "Deferred[Optional[ResyncFailure]]":
+        """Resync a tracked user now (for a key query): fires with None once
+        the cache is fresh, or with why it could not be.
+
+        Concurrent callers share one fetch; each may cancel its own Deferred
+        (a timeout) without stopping the fetch.  A user without a cache is
+        marked stale first, so a failed fetch is retried with backoff.  A
+        server or user backing off is not tried: the failure is returned at
+        once.
+        """
+        return Deferred.fromCoroutine(self._request_resync(user_id))
+
+    async def _request_resync(self, user_id: str) -> Optional[ResyncFailure]:
+        destination = server_name_of(user_id)
+        if self._stopped:
+            return ResyncFailure(destination, 503, "Server is stopping")
+        sync = await self._store.get_remote_sync_state(user_id)
+        if sync is not None and sync.cached and not sync.stale:
+            return None
+        if sync is None or not sync.stale:
+            await self._store.mark_remote_stale(user_id, "queried without a cache", self._now_ms())
+            sync = await self._store.get_remote_sync_state(user_id)
+            assert sync is not None
+        if sync.resync_retry_ts is not None and sync.resync_retry_ts > self._now_ms():
+            self._user_retries.schedule(user_id, sync.resync_retry_ts / 1000.0)
+            return ResyncFailure(
+                destination, 503, f"Resync of {user_id} is backing off after an error"
+            )
+        retry_at = await self._tracker.retry_at(destination)
+        queue = self._server_queue(destination)
+        if retry_at is not None:
+            if user_id not in queue.running:
+                queue.pending[user_id] = None
+            self._pump(queue)
+            return ResyncFailure(destination, 503, "Not ready for retry")
+        slot = self._slot(user_id)
+        if slot.shared is None:
+            slot.next_result = Deferred()
+            slot.shared = SharedResult(slot.next_result)
+        observer = slot.shared.observe()
+        if user_id not in queue.running:
+            # a query waits: ahead of the background resyncs
+            queue.pending.pop(user_id, None)
+            queue.pending = {user_id: None, **queue.pending}
+        self._pump(queue)
+        return await observer
+
+    # ------------------------------------------------------------------
+    # per-user worker
+
+    def _now_ms(self) -> int:
+        return int(self._clock.seconds() * 1000)
+
+    def _slot(self, user_id: str) -> _UserSlot:
+        slot = self._slots.get(user_id)
+        if slot is None:
+            slot = self._slots[user_id] = _UserSlot()
+        return slot
+
+    def _maybe_forget(self, user_id: str) -> None:
+        slot = self._slots.get(user_id)
+        if (
+            slot is not None
+            and not slot.running
+            and not slot.again
+            and not slot.resync_granted
+            and not slot.drop_pending
+            and not slot.fetching
+            and slot.hold_call is None
+            and slot.retry_call is None
+            and slot.shared is None
+        ):
+            del self._slots[user_id]
+
+    def _kick(self, user_id: str) -> None:
+        if self._stopped:
+            return
+        slot = self._slot(user_id)
+        slot.again = True
+        if slot.running:
+            return
+        slot.running = True
+        loop = Deferred.fromCoroutine(self._run_user(user_id, slot))
+        self._loops.add(loop)
+        loop.addBoth(self._loop_ended, loop)
+
+    def _loop_ended(self, result: object, loop: "Deferred[None]") -> None:
+        self._loops.discard(loop)
+        if isinstance(result, Failure):
+            self.log.failure("device-list worker failed", result)
+
+    async def _run_user(self, user_id: str, slot: _UserSlot) -> None:
+        try:
+            while slot.again and not self._stopped:
+                slot.again = False
+                try:
+                    await self._iteration(user_id, slot)
+                except CancelledError:
+                    if self._stopped:
+                        return
+                except Exception:
+                    self.log.failure(
+                        "Processing the device list of {user_id} failed; retrying in {delay}s",
+                        user_id=user_id,
+                        delay=self.config.store_retry_delay,
+                    )
+                    if slot.retry_call is None or not slot.retry_call.active():
+                        slot.retry_call = self._clock.callLater(
+                            self.config.store_retry_delay, self._retry_after_error, user_id
+                        )
+                    return
+        finally:
+            slot.running = False
+            self._maybe_forget(user_id)
+
+    def _retry_after_error(self, user_id: str) -> None:
+        slot = self._slots.get(user_id)
+        if slot is not None:
+            slot.retry_call = None
+        self._kick(user_id)
+
+    async def _iteration(self, user_id: str, slot: _UserSlot) -> None:
+        granted, slot.resync_granted = slot.resync_granted, False
+        try:
+            if slot.drop_pending:
+                slot.drop_pending = False
+                await self._drop(user_id, "no longer shares a room")
+                return
+            if not await self._membership.is_tracked(user_id):
+                sync = await self._store.get_remote_sync_state(user_id)
+                entries = await self._store.get_remote_inbox(user_id)
+                if sync is not None or entries:
+                    await self._drop(user_id, "not tracked")
+                return
+            sync = await self._store.get_remote_sync_state(user_id)
+            entries = await self._store.get_remote_inbox(user_id)
+            if entries:
+                if await self._process_batch(user_id, slot, sync, entries):
+                    sync = await self._store.get_remote_sync_state(user_id)
+            elif slot.hold_call is not None:
+                if slot.hold_call.active():
+                    slot.hold_call.cancel()
+                slot.hold_call = None
+            if sync is None or not sync.stale:
+                return
+            if granted:
+                granted = False
+                await self._resync(user_id, slot, sync)
+            else:
+                self._want_resync(user_id, sync)
+        except BaseException:
+            if granted:
+                granted = False
+                self._release(
+                    user_id,
+                    _Outcome.ABORTED,
+                    ResyncFailure(server_name_of(user_id), 500, "Internal error"),
+                )
+            raise
+        finally:
+            if granted:
+                # the server queue let us resync, but there was nothing to do
+                self._release(user_id, _Outcome.DONE, None)
+
+    async def _drop(self, user_id: str, why: str) -> None:
+        slot = self._slot(user_id)
+        if slot.hold_call is not None and slot.hold_call.active():
+            slot.hold_call.cancel()
+        slot.hold_call = None
+        self._user_retries.discard(user_id)
+        queue = self._servers.get(_server_or_none(user_id) or "")
+        if queue is not None:
+            queue.pending.pop(user_id, None)
+        await self._store.drop_remote_user(user_id)
+        self.stats["user_dropped"] += 1
+        self.log.info("Dropped the cached device list of {user_id}: {why}", user_id=user_id, why=why)
+        self._fire_waiters(
+            slot, ResyncFailure(server_name_of(user_id), 404, f"{user_id} is not tracked")
+        )
+
+    async def _process_batch(
+        self,
+        user_id: str,
+        slot: _UserSlot,
+        sync: Optional[RemoteSyncState],
+        entries: list[InboxEntry],
+    ) -> bool:
+        """Decide on the queued EDUs and commit; True if anything was written."""
+        updates: list[DeviceListUpdate] = []
+        unusable: list[int] = []
+        for entry in entries:
+            try:
+                update = parse_device_list_update(entry.content)
+            except ParseError as e:
+                self.log.warn(
+                    "Dropping a queued EDU of {user_id} that no longer parses: {error}",
+                    user_id=user_id,
+                    error=str(e),
+                )
+                unusable.append(entry.stream_id)
+                continue
+            if update.user_id != user_id or update.stream_id != entry.stream_id:
+                unusable.append(entry.stream_id)
+                continue
+            updates.append(update)
+        received = {e.stream_id: e.received_ts / 1000.0 for e in entries}
+        now = self._clock.seconds()
+        allow_hold = now < min(received.values()) + self.config.hold_grace
+        decision = decide(
+            _core_state(sync),
+            updates,
+            tracked=True,
+            allow_hold=allow_hold,
+            window=self._window,
+        )
+        was_stale = sync is not None and sync.stale
+        mark = None
+        if decision.resync is not None and not was_stale:
+            mark = decision.resync.value
+        processed = set(unusable)
+        for d in decision.decisions:
+            if d.action is not Action.HOLD:
+                processed.add(d.update.stream_id)
+        known = None
+        if decision.applied and decision.state is not None:
+            known = decision.state.known_ids
+        wrote = bool(processed or mark or known is not None)
+        changed: tuple[str, ...] = ()
+        if wrote:
+            result = await self._store.apply_remote_batch(
+                user_id, decision.applied, known, processed, mark, self._now_ms()
+            )
+            changed = result.changed_device_ids
+        self._count_decision(user_id, decision, mark)
+        if changed:
+            self._notify(RemoteDeviceListChange(user_id, changed))
+        self._arm_hold(user_id, slot, decision, received)
+        return wrote
+
+    def _count_decision(self, user_id: str, decision: BatchDecision, mark: Optional[str]) -> None:
+        for d in decision.decisions:
+            self.stats[f"{d.action.value}:{d.reason.value}"] += 1
+            self.log.debug(
+                "{user_id} stream_id {stream_id} prev_id {prev_ids}: {action} ({reason})",
+                user_id=user_id,
+                stream_id=d.update.stream_id,
+                prev_ids=list(d.update.prev_ids),
+                action=d.action.value,
+                reason=d.reason.value,
+            )
+        if mark is not None:
+            self.stats["stale_marked"] += 1
+            self.log.info(
+                "Device list of {user_id} marked stale ({reason}): resyncing",
+                user_id=user_id,
+                reason=mark,
+            )
+
+    def _arm_hold(
+        self,
+        user_id: str,
+        slot: _UserSlot,
+        decision: BatchDecision,
+        received: Mapping[int, float],
+    ) -> None:
+        if slot.hold_call is not None and slot.hold_call.active():
+            slot.hold_call.cancel()
+        slot.hold_call = None
+        if not decision.held:
+            return
+        deadline = min(received[u.stream_id] for u in decision.held) + self.config.hold_grace
+        delay = max(0.0, deadline - self._clock.seconds())
+        slot.hold_call = self._clock.callLater(delay, self._hold_expired, user_id)
+
+    def _hold_expired(self, user_id: str) -> None:
+        slot = self._slots.get(user_id)
+        if slot is not None:
+            slot.hold_call = None
+        self._kick(user_id)
+
+    # ------------------------------------------------------------------
+    # resync scheduling
+
+    def _server_queue(self, destination: str) -> _ServerQueue:
+        queue = self._servers.get(destination)
+        if queue is None:
+            queue = self._servers[destination] = _ServerQueue(destination)
+        return queue
+
+    def _server_for(self, user_id: str) -> Optional[_ServerQueue]:
+        destination = _server_or_none(user_id)
+        return None if destination is None else self._server_queue(destination)
+
+    def _want_resync(self, user_id: str, sync: RemoteSyncState) -> None:
+        """Queue a stale user's resync behind its server's backoff and its own."""
+        if sync.resync_retry_ts is not None and sync.resync_retry_ts > self._now_ms():
+            if user_id not in self._user_retries:
+                self._user_retries.schedule(user_id, sync.resync_retry_ts / 1000.0)
+            return
+        queue = self._server_for(user_id)
+        if queue is None or user_id in queue.running or user_id in queue.pending:
+            return
+        queue.pending[user_id] = None
+        self._pump(queue)
+
+    def _user_retry_due(self, user_id: str) -> None:
+        queue = self._server_for(user_id)
+        if queue is None or self._stopped:
+            return
+        if user_id not in queue.running:
+            queue.pending[user_id] = None
+        self._pump(queue)
+
+    def _on_wake(self, destination: str) -> None:
+        """``destination`` contacted us: its backoff is over, try it now."""
+        queue = self._servers.get(destination)
+        if queue is None or self._stopped:
+            return
+        if queue.timer is not None and queue.timer.active():
+            queue.timer.cancel()
+        queue.timer = None
+        self.stats["server_woken"] += 1
+        self._pump(queue)
+
+    def _server_timer_fired(self, queue: _ServerQueue) -> None:
+        queue.timer = None
+        self._pump(queue)
+
+    def _pump(self, queue: _ServerQueue) -> None:
+        if self._stopped:
+            return
+        if queue.pumping:
+            queue.pump_again = True
+            return
+        queue.pumping = True
+        d = Deferred.fromCoroutine(self._pump_queue(queue))
+        d.addErrback(
+            lambda f: self.log.failure("Scheduling resyncs for {server} failed", f, server=queue.name)
+        )
+
+    async def _pump_queue(self, queue: _ServerQueue) -> None:
+        try:
+            while True:
+                queue.pump_again = False
+                if self._stopped or not queue.pending or queue.timer is not None:
+                    break
+                retry_at = await self._tracker.retry_at(queue.name)
+                if self._stopped:
+                    break
+                if retry_at is not None:
+                    queue.probing = True
+                    queue.timer = self._clock.callLater(
+                        max(0.0, retry_at - self._clock.seconds()),
+                        self._server_timer_fired,
+                        queue,
+                    )
+                    break
+                limit = 1 if queue.probing else self.config.resyncs_per_server
+                granted: list[str] = []
+                while queue.pending and len(queue.running) < limit:
+                    user_id = next(iter(queue.pending))
+                    del queue.pending[user_id]
+                    queue.running.add(user_id)
+                    granted.append(user_id)
+                # (a resync may end before _kick returns and change the queue:
+                # the loop then looks at the backoff again before granting more)
+                for user_id in granted:
+                    self._slot(user_id).resync_granted = True
+                    self._kick(user_id)
+                if not queue.pump_again:
+                    break
+        finally:
+            queue.pumping = False
+        if not queue.pending and not queue.running and queue.timer is None:
+            self._servers.pop(queue.name, None)
+
+    def _release(
+        self, user_id: str, outcome: _Outcome, failure: Optional[ResyncFailure]
+    ) -> None:
+        """A granted resync ended: free its server slot and answer the waiters."""
+        slot = self._slots.get(user_id)
+        if slot is not None:
+            self._fire_waiters(slot, failure)
+        queue = self._servers.get(_server_or_none(user_id) or "")
+        if queue is None:
+            return
+        queue.running.discard(user_id)
+        if outcome is _Outcome.DONE or outcome is _Outcome.USER_FAILED:
+            queue.probing = False
+        elif outcome is _Outcome.SERVER_FAILED:
+            queue.probing = True
+            # to the back: the next probe tries another user
+            queue.pending[user_id] = None
+            # queries waiting on users of this server must not wait a backoff
+            for other in list(queue.pending):
+                other_slot = self._slots.get(other)
+                if other_slot is not None and other_slot.shared is not None:
+                    self._fire_waiters(other_slot, failure)
+        self._pump(queue)
+
+    def _fire_waiters(self, slot: _UserSlot, failure: Optional[ResyncFailure]) -> None:
+        result, slot.next_result, slot.shared = slot.next_result, None, None
+        if result is not None:
+            result.callback(failure)
+
+    # ------------------------------------------------------------------
+    # the resync itself
+
+    async def _resync(self, user_id: str, slot: _UserSlot, sync: RemoteSyncState) -> None:
+        destination = server_name_of(user_id)
+        generation = sync.stale_generation
+        epoch = slot.epoch
+        started = self._server_queue(destination).failure_epoch
+        outcome = _Outcome.ABORTED
+        failure: Optional[ResyncFailure] = ResyncFailure(destination, 503, "Resync aborted")
+        slot.fetching = True
+        slot.signing_during_fetch = []
+        try:
+            self.stats["resync_attempt"] += 1
+            try:
+                body = await self._fetch(destination, user_id, slot)
+            except CancelledError:
+                self.stats["resync_cancelled"] += 1
+                return
+            except FederationClientError as e:
+                outcome, failure = await self._fetch_failed(user_id, destination, sync, e, started)
+                return
+            await self._tracker.record_success(destination)
+            snapshot = await self._validate(user_id, destination, body)
+            if isinstance(snapshot, ResyncFailure):
+                outcome, failure = _Outcome.USER_FAILED, snapshot
+                await self._user_failed(user_id, sync, snapshot.message)
+                return
+            if slot.epoch != epoch or self._stopped:
+                return
+            if not await self._membership.is_tracked(user_id):
+                slot.again = True  # the next pass drops the user
+                return
+            before = await self._store.get_remote_cache(user_id) if self._listeners else None
+            cleared = await self._store.replace_remote_snapshot(
+                user_id, snapshot, generation, self._now_ms()
+            )
+            for keys in slot.signing_during_fetch:
+                await self._store.set_remote_cross_signing_keys(user_id, keys)
+            outcome, failure = _Outcome.DONE, None
+            self.stats["resync_done"] += 1
+            self.log.info(
+                "Resynced {user_id} from {destination}: {count} device(s) at stream_id {stream_id}"
+                "{still}",
+                user_id=user_id,
+                destination=destination,
+                count=len(snapshot.devices),
+                stream_id=snapshot.stream_id,
+                still="" if cleared else "; marked stale again meanwhile, resyncing again",
+            )
+            if before is not None:
+                self._notify_snapshot(user_id, before.devices, before.cross_signing_keys, snapshot)
+            # decide on the EDUs that arrived during the fetch, and resync
+            # again if a newer stale mark survived
+            slot.again = True
+        finally:
+            slot.fetching = False
+            slot.fetch = None
+            slot.signing_during_fetch = []
+            self._release(user_id, outcome, failure)
+
+    async def _fetch(self, destination: str, user_id: str, slot: _UserSlot) -> JsonDict:
+        path = user_devices_path(user_id)
+
+        async def get() -> JsonDict:
+            return await self._client.get_json(
+                destination, path, timeout=self.config.resync_timeout
+            )
+
+        fetch: Deferred[JsonDict] = Deferred.fromCoroutine(self._limiter.run(destination, get))
+        slot.fetch = fetch
+        return await fetch
+
+    async def _fetch_failed(
+        self,
+        user_id: str,
+        destination: str,
+        sync: RemoteSyncState,
+        e: FederationClientError,
+        started: int,
+    ) -> tuple[_Outcome, ResyncFailure]:
+        if isinstance(e, HttpResponseError):
+            failure = ResyncFailure(destination, e.code, f"{destination} answered {e.code}")
+            server_wide = e.code >= 500 or e.code == 429 or (
+                e.code in (404, 405) and e.errcode == M_UNRECOGNIZED
+            )
+            if not server_wide:
+                await self._tracker.record_success(destination)
+                await self._user_failed(
+                    user_id, sync, f"{destination} answered {e.code} {e.errcode or ''}".rstrip()
+                )
+                return _Outcome.USER_FAILED, failure
+        elif isinstance(e, ResponseTooLargeError):
+            await self._tracker.record_success(destination)
+            failure = ResyncFailure(destination, 502, f"{destination} sent an oversized answer")
+            await self._user_failed(user_id, sync, str(e))
+            return _Outcome.USER_FAILED, failure
+        elif isinstance(e, NotRetryingDestination):
+            return _Outcome.SERVER_FAILED, ResyncFailure(destination, 503, "Not ready for retry")
+        elif isinstance(e, RequestSendFailed):
+            failure = ResyncFailure(destination, 503, f"Failed to reach {destination}: {e.reason}")
+        else:
+            failure = ResyncFailure(destination, 503, f"Failed to reach {destination}")
+        self.stats["resync_server_failed"] += 1
+        queue = self._server_queue(destination)
+        if started == queue.failure_epoch:
+            # one failure per backoff period, however many resyncs were in flight
+            queue.failure_epoch += 1
+            await self._tracker.record_failure(destination)
+        self.log.info(
+            "Resync of {user_id} failed: {error}; {destination} backs off",
+            user_id=user_id,
+            error=str(e),
+            destination=destination,
+        )
+        return _Outcome.SERVER_FAILED, failure
+
+    async def _user_failed(self, user_id: str, sync: RemoteSyncState, why: str) -> None:
+        self.stats["resync_user_failed"] += 1
+        attempts = sync.resync_attempts
+        delay = self.config.user_backoff.delay(attempts, self._jitter)
+        retry_ts = self._now_ms() + int(delay * 1000)
+        await self._store.set_remote_resync_backoff(user_id, attempts + 1, retry_ts)
+        self._user_retries.schedule(user_id, retry_ts / 1000.0)
+        self.log.warn(
+            "Resync of {user_id} failed ({why}); retrying that user in {delay:.0f}s",
+            user_id=user_id,
+            why=why,
+            delay=delay,
+        )
+
+    async def _validate(
+        self, user_id: str, destination: str, body: JsonDict
+    ) -> "UserDevicesResponse | ResyncFailure":
+        devices = body.get("devices")
+        cap = self.config.max_devices_per_user
+        if isinstance(devices, list) and len(devices) > cap:
+            self.stats["resync_over_device_cap"] += 1
+            self.log.warn(
+                "Refusing the device list of {user_id} from {destination}: {count} devices,"
+                " over max_devices_per_user ({cap}); the cached list is kept and the user"
+                " stays stale",
+                user_id=user_id,
+                destination=destination,
+                count=len(devices),
+                cap=cap,
+            )
+            return ResyncFailure(
+                destination, 502, f"{user_id} has {len(devices)} devices, over the limit of {cap}"
+            )
+        try:
+            snapshot = await self._cpu_runner(
+                lambda: parse_user_devices_response(body, expected_user_id=user_id)
+            )
+        except ParseError as e:
+            self.stats["resync_invalid_answer"] += 1
+            self.log.warn(
+                "Rejecting the /user/devices answer for {user_id} from {destination}: {error}",
+                user_id=user_id,
+                destination=destination,
+                error=str(e),
+            )
+            return ResyncFailure(destination, 502, f"Invalid answer from {destination}: {e}")
+        for problem in snapshot.skipped[:_MAX_LOGGED_PROBLEMS]:
+            self.log.warn(
+                "Skipping part of the device list of {user_id} from {destination}:"
+                " {path}: {problem}",
+                user_id=user_id,
+                destination=destination,
+                path=problem.path,
+                problem=problem.message,
+            )
+        if len(snapshot.skipped) > _MAX_LOGGED_PROBLEMS:
+            self.log.warn(
+                "... and {more} more skipped entries in the device list of {user_id}",
+                more=len(snapshot.skipped) - _MAX_LOGGED_PROBLEMS,
+                user_id=user_id,
+            )
+        self.stats["resync_skipped_entries"] += len(snapshot.skipped)
+        return snapshot
+
+    # ------------------------------------------------------------------
+    # listeners
+
+    def _notify_snapshot(
+        self,
+        user_id: str,
+        before_devices: tuple[Any, ...],
+        before_keys: Mapping[str, CrossSigningKey],
+        snapshot: UserDevicesResponse,
+    ) -> None:
+        def view(device: Any) -> tuple[Optional[str], Optional[JsonDict]]:
+            return device.display_name, None if device.keys is None else device.keys.raw
+
+        old = {d.device_id: view(d) for d in before_devices}
+        new = {d.device_id: view(d) for d in snapshot.devices}
+        changed = tuple(sorted(d for d in old.keys() | new.keys() if old.get(d) != new.get(d)))
+        new_keys = {
+            usage: key.raw
+            for usage, key in (
+                (USAGE_MASTER, snapshot.master_key),
+                (USAGE_SELF_SIGNING, snapshot.self_signing_key),
+            )
+            if key is not None
+        }
+        old_keys = {usage: key.raw for usage, key in before_keys.items()}
+        self._notify(
+            RemoteDeviceListChange(
+                user_id, changed, cross_signing=old_keys != new_keys, resync=True
+            )
+        )
+
+    def _notify(self, change: RemoteDeviceListChange) -> None:
+        for listener in list(self._listeners):
+            try:
+                result = listener(change)
+            except Exception:
+                self.log.failure(
+                    "Device-list listener {listener!r} failed for {user_id}",
+                    listener=listener,
+                    user_id=change.user_id,
+                )
+                continue
+            if inspect.iscoroutine(result):
+                result = Deferred.fromCoroutine(result)
+            if isinstance(result, Deferred):
+                result.addErrback(self._listener_failed, listener, change.user_id)
+
+    def _listener_failed(self, failure: Failure, listener: ChangeListener, user_id: str) -> None:
+        self.log.failure(
+            "Device-list listener {listener!r} failed for {user_id}",
+            failure,
+            listener=listener,
+            user_id=user_id,
+        )
+
+
+def _server_or_none(user_id: str) -> Optional[str]:
+    try:
+        return server_name_of(user_id)
+    except ParseError:
+        return None

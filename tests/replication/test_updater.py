@@ -1,0 +1,451 @@
+"""The updater beyond the scenarios: races, restarts, retries at scale,
+validation of resync answers, clustered senders, storage failures, stop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+
+from devicelist_plugin.federation.client import HttpResponseError
+from devicelist_plugin.replication.inbound import InboundConfig
+from devicelist_plugin.replication.updater import RemoteDeviceListChange, UpdaterConfig
+from tests.helpers import FaultKind
+from tests.replication.inbound_harness import (
+    DEVICES_PREFIX,
+    S,
+    USER_POLICY,
+    InboundCase,
+    capture_logs,
+    RemoteDevice,
+)
+
+U = "@u:s.test"
+V = "@v:s.test"
+
+
+class EveryoneTracked:
+    """A membership source tracking every remote user (10,000 users without
+    10,000 rooms)."""
+
+    def __init__(self) -> None:
+        self.untracked: set[str] = set()
+
+    def servers_sharing_room(self, user_id: str) -> "Deferred[frozenset[str]]":
+        return succeed(frozenset())
+
+    def is_tracked(self, remote_user_id: str) -> "Deferred[bool]":
+        return succeed(remote_user_id not in self.untracked)
+
+    def add_listener(self, listener: Any) -> None:
+        pass
+
+
+class RaceTests(InboundCase):
+    def test_resync_finishing_after_a_newer_stale_mark_keeps_the_user_stale(self) -> None:
+        self.a.track(U)
+        u = self.s.user("u")
+        gate: Deferred[None] = Deferred()
+        self.s.gate = gate
+        self.deliver(self.s, [u.edu("D1")])
+        self.assertEqual(self.fetches(U), 1)
+        # while the fetch runs, another worker notices a gap (Synapse #9866)
+        generation = self.successResultOf(
+            self.a.store.mark_remote_stale(U, "gap seen by another worker", 0)
+        )
+        self.assertEqual(generation, 2)
+        self.s.gate = None
+        gate.callback(None)
+        self.network.flush()
+        # the first answer did not clear the newer mark: fetched again at once
+        self.assertEqual(self.fetches(U), 2)
+        state = self.a.sync_state(U)
+        self.assertFalse(state.stale)
+        self.assertEqual(state.cleared_generation, 2)
+        self.assertEqual(self.a.updater.stats["resync_done"], 2)
+
+    def test_gap_after_the_snapshot_found_during_the_fetch_resyncs_again(self) -> None:
+        self.a.track(U)
+        u = self.s.user("u")
+        gate: Deferred[None] = Deferred()
+        self.s.gate = gate
+        self.deliver(self.s, [u.edu("D1")])
+        at_1 = u.snapshot()
+        self.s.answer_override = lambda user_id, body: at_1
+        u.edu("D2")  # lost
+        self.deliver(self.s, [u.edu("D3")])  # prev_id [2]: unknown to the snapshot at 1
+        self.s.gate = None
+        gate.callback(None)
+        self.network.flush()
+        self.assertEqual(self.fetches(U), 1)
+        self.assertEqual(set(self.a.cached_devices(U)), {"D1"})
+        self.s.answer_override = None
+        self.network.advance(2)  # A's hold timer (2 s after D3 was queued)
+        self.assertEqual(self.fetches(U), 2)
+        self.assertEqual(set(self.a.cached_devices(U)), {"D1", "D2", "D3"})
+
+    def test_untracked_during_a_fetch_cancels_it_and_stores_nothing(self) -> None:
+        self.a.track(U)
+        u = self.s.user("u")
+        gate: Deferred[None] = Deferred()
+        self.s.gate = gate
+        self.deliver(self.s, [u.edu("D1")])
+        self.a.untrack(U)
+        self.network.flush()
+        self.s.gate = None
+        gate.callback(None)
+        self.network.flush()
+        self.assertIsNone(self.a.sync_state(U))
+        self.assertEqual(self.a.cached_devices(U), {})
+        self.assertEqual(self.a.updater.stats["resync_cancelled"], 1)
+        self.assertEqual(self.timers(), [])
+
+    def test_clustered_sender_out_of_order_never_goes_back(self) -> None:
+        self.a.track(U)
+        u = self.s.user("u")
+        self.deliver(self.s, [u.edu("D1"), u.edu("D2")])  # snapshot at stream 2
+        # two writers changed D1 concurrently: 4 and 3, both chained from 2
+        later = {"edu_type": "m.device_list_update", "content": {
+            "user_id": U, "device_id": "D1", "stream_id": 4, "prev_id": [2],
+            "device_display_name": "four"}}
+        earlier = {"edu_type": "m.device_list_update", "content": {
+            "user_id": U, "device_id": "D1", "stream_id": 3, "prev_id": [2],
+            "device_display_name": "three"}}
+        self.deliver(self.s, [later])
+        self.deliver(self.s, [earlier])
+        self.assertEqual(self.a.cached_devices(U)["D1"].display_name, "four")
+        self.assertEqual(self.a.sync_state(U).known_ids, frozenset({3, 4}))
+        # a deletion at 6 and a late update of the same device at 5
+        deletion = {"edu_type": "m.device_list_update", "content": {
+            "user_id": U, "device_id": "D2", "stream_id": 6, "prev_id": [4], "deleted": True}}
+        late = {"edu_type": "m.device_list_update", "content": {
+            "user_id": U, "device_id": "D2", "stream_id": 5, "prev_id": [3],
+            "device_display_name": "zombie"}}
+        self.deliver(self.s, [deletion])
+        self.deliver(self.s, [late])
+        self.assertNotIn("D2", self.a.cached_devices(U))
+        self.assertEqual(self.fetches(U), 1)
+        self.assertEqual(
+            [c.device_ids for c in self.a.changes if not c.resync], [("D1",), ("D2",)]
+        )
+
+
+class RestartTests(InboundCase):
+    def test_held_edu_survives_a_restart_and_its_grace_runs_on(self) -> None:
+        self.a.track(U)
+        u = self.s.user("u")
+        self.deliver(self.s, [u.edu("D1")])
+        u.edu("D2")  # lost
+        self.deliver(self.s, [u.edu("D3")])  # held: prev_id [2] unknown
+        self.assertEqual(len(self.successResultOf(self.a.store.get_remote_inbox(U))), 1)
+        self.network.advance(1)  # (nothing fires: 1 s of the 2 s grace)
+        a = self.restart_a()
+        self.network.flush()
+        self.assertEqual(self.fetches(U), 1)  # still held
+        self.network.advance(1)  # the new A's hold timer: 2 s after D3 was queued
+        self.assertEqual(self.fetches(U), 2)
+        self.assertEqual(set(a.cached_devices(U)), {"D1", "D2", "D3"})
+        self.assertEqual(self.successResultOf(a.store.get_remote_inbox(U)), [])
+
+    def test_per_user_backoff_survives_a_restart(self) -> None:
+        self.a.track(U)
+        self.s.user("u").edu("D1")
+        self.s.errors = [404]
+        self.deliver(self.s, [self.s.user("u").edu("D2")])
+        self.assertEqual(self.fetches(U), 1)
+        state = self.a.sync_state(U)
+        self.assertEqual((state.stale, state.resync_attempts), (True, 1))
+        self.assertEqual(state.resync_retry_ts, int((self.clock.seconds() + 300) * 1000))
+        self.network.advance(200)  # (nothing fires)
+        a = self.restart_a()
+        self.network.flush()
+        self.assertEqual(self.fetches(U), 1)
+        self.network.advance(100)  # the new A's per-user timer (300 s after the 404)
+        self.assertEqual(self.fetches(U), 2)
+        self.assertFalse(a.sync_state(U).stale)
+        self.assertEqual(a.sync_state(U).resync_attempts, 0)
+
+
+class ManyStaleUsersTests(InboundCase):
+    def test_ten_thousand_stale_users_on_a_dead_server_cost_one_probe_per_period(self) -> None:
+        everyone = EveryoneTracked()
+        users = [f"@u{n:05d}:s.test" for n in range(10_000)]
+
+        def mark_all(t: Any) -> None:
+            t.executemany(
+                "INSERT INTO remote_sync_state (user_id, stale_generation, stale_since_ts)"
+                " VALUES (?, 1, ?)",
+                [(user_id, n) for n, user_id in enumerate(users)],
+            )
+
+        self.successResultOf(self.a.store.database.run("mark", mark_all))
+        self.network.faults.take_down(S)
+        a = self.restart_a(membership=everyone)
+        self.network.flush()
+        self.assertEqual(self.fetches(), 1)  # one probe at start-up
+        self.network.advance(60)  # S's backoff timer (60 s)
+        self.assertEqual(self.fetches(), 2)
+        self.network.advance(120)  # S's backoff timer (120 s)
+        self.assertEqual(self.fetches(), 3)
+        self.network.advance(240)  # S's backoff timer (240 s)
+        self.assertEqual(self.fetches(), 4)
+        # one timer for the whole server
+        self.assertEqual(len(self.timers()), 1)
+        self.assertEqual(self.attempts(S), 4)
+        self.assertEqual(len(self.successResultOf(a.store.list_stale_remote_users())), 10_000)
+        # every probe asked for another user
+        probed = [r.path for r in self.network.requests(origin="a.test", path_prefix=DEVICES_PREFIX)]
+        self.assertEqual(len(set(probed)), 4)
+
+    def test_recovered_server_resyncs_its_stale_users_five_at_a_time(self) -> None:
+        everyone = EveryoneTracked()
+        self.a.updater._membership = everyone
+        for n in range(12):
+            self.s.user(f"u{n}").edu("D1")
+        self.network.faults.take_down(S)
+        for n in range(12):
+            d = self.a.updater.request_resync(f"@u{n}:s.test")
+            self.network.flush()
+            self.successResultOf(d)
+        self.assertEqual(self.fetches(), 1)  # one probe, then S backs off
+        self.network.faults.bring_up(S)
+        gate: Deferred[None] = Deferred()
+        self.s.gate = gate
+        self.network.advance(60)  # S's backoff timer (60 s): the probe goes
+        self.assertEqual(self.fetches(), 2)  # ... alone
+        gate.callback(None)
+        gate = Deferred()
+        self.s.gate = gate
+        self.network.flush()
+        # the probe succeeded: now five at a time
+        self.assertEqual(self.fetches(), 7)
+        self.assertEqual(self.a.inbound.limiter.in_flight(S), 5)
+        self.s.gate = None
+        gate.callback(None)
+        self.network.flush()
+        self.assertEqual(self.fetches(), 13)
+        self.assertEqual(self.successResultOf(self.a.store.list_stale_remote_users()), [])
+
+    def test_a_server_that_contacts_us_is_retried_at_once(self) -> None:
+        self.a.track(U)
+        u = self.s.user("u")
+        self.network.faults.inject(
+            FaultKind.REFUSE, origin="a.test", destination=S, path_prefix=DEVICES_PREFIX
+        )
+        self.deliver(self.s, [u.edu("D1")])
+        self.assertEqual(self.fetches(U), 1)
+        self.assertIsNotNone(self.successResultOf(self.a.store.get_retry_state(S)))
+        # S sends us something else, well before its backoff ends
+        self.network.advance(5)  # (nothing fires)
+        self.deliver(self.s, [])
+        self.assertEqual(self.fetches(U), 2)
+        self.assertFalse(self.a.sync_state(U).stale)
+        self.assertEqual(self.a.updater.stats["server_woken"], 1)
+        self.assertEqual(self.timers(), [])
+
+
+class ResyncAnswerTests(InboundCase):
+    def test_user_error_backs_off_that_user_only(self) -> None:
+        self.a.track(U)
+        self.a.track(V)
+        u, v = self.s.user("u"), self.s.user("v")
+        self.s.errors = [404]
+        self.deliver(self.s, [u.edu("D1")])
+        self.deliver(self.s, [v.edu("D1")])
+        # U's 404 did not make S back off: V resynced at once
+        self.assertIsNone(self.successResultOf(self.a.store.get_retry_state(S)))
+        self.assertFalse(self.a.sync_state(V).stale)
+        self.assertTrue(self.a.sync_state(U).stale)
+        self.assertEqual(self.a.updater.stats["resync_user_failed"], 1)
+        self.s.errors = [404]
+        self.network.advance(300)  # U's per-user timer (300 s)
+        self.assertEqual(self.fetches(U), 2)
+        self.network.advance(599)  # (nothing fires: 600 s for the second)
+        self.assertEqual(self.fetches(U), 2)
+        self.network.advance(1)  # U's per-user timer (600 s)
+        self.assertEqual(self.fetches(U), 3)
+        self.assertFalse(self.a.sync_state(U).stale)
+        self.assertEqual(self.timers(), [])
+
+    def test_more_devices_than_the_cap_are_refused_with_a_clear_log(self) -> None:
+        self.a.stop()
+        self.a = self.make_a(
+            config=InboundConfig(
+                updater=UpdaterConfig(max_devices_per_user=3, user_backoff=USER_POLICY)
+            )
+        )
+        logs = capture_logs(self)
+        self.a.track(U)
+        u = self.s.user("u")
+        for n in range(4):
+            u.devices[f"D{n}"] = RemoteDevice()
+        self.deliver(self.s, [u.edu("D4")])
+        self.assertEqual(self.a.cached_devices(U), {})
+        self.assertTrue(self.a.sync_state(U).stale)
+        self.assertEqual(self.a.sync_state(U).resync_attempts, 1)
+        self.assertIn(
+            "Refusing the device list of @u:s.test from s.test: 5 devices, over"
+            " max_devices_per_user (3); the cached list is kept and the user stays stale",
+            list(logs),
+        )
+        self.assertEqual(self.a.updater.stats["resync_over_device_cap"], 1)
+
+    def test_answer_for_another_user_is_rejected(self) -> None:
+        logs = capture_logs(self)
+        self.a.track(U)
+        u = self.s.user("u")
+        self.s.answer_override = lambda user_id, body: {**body, "user_id": "@other:s.test"}
+        self.deliver(self.s, [u.edu("D1")])
+        self.assertEqual(self.a.cached_devices(U), {})
+        self.assertTrue(self.a.sync_state(U).stale)
+        self.assertTrue(
+            any(
+                line.startswith("Rejecting the /user/devices answer for @u:s.test from s.test:"
+                                " user_id: expected '@u:s.test'")
+                for line in logs
+            ),
+            list(logs),
+        )
+
+    def test_malformed_devices_are_skipped_and_logged_with_their_path(self) -> None:
+        logs = capture_logs(self)
+        self.a.track(U)
+        u = self.s.user("u")
+        u.edu("GOOD")
+
+        def damage(user_id: str, body: dict[str, Any]) -> dict[str, Any]:
+            bad_keys = {"device_id": "BAD", "keys": {"user_id": U, "device_id": "BAD"}}
+            return {**body, "devices": body["devices"] + [bad_keys, {"device_id": 7}]}
+
+        self.s.answer_override = damage
+        self.deliver(self.s, [u.edu("ALSO")])
+        self.assertEqual(set(self.a.cached_devices(U)), {"GOOD", "ALSO"})
+        self.assertFalse(self.a.sync_state(U).stale)
+        lines = list(logs)
+        self.assertIn(
+            "Skipping part of the device list of @u:s.test from s.test:"
+            " devices[2].keys.algorithms: required field missing",
+            lines,
+        )
+        self.assertIn(
+            "Skipping part of the device list of @u:s.test from s.test:"
+            " devices[3].device_id: expected a string, got an integer",
+            lines,
+        )
+
+    def test_null_cross_signing_keys_are_tolerated(self) -> None:
+        self.a.track(U)
+        u = self.s.user("u")
+        self.s.answer_override = lambda user_id, body: {**body, "master_key": None}
+        self.deliver(self.s, [u.edu("D1")])
+        self.assertFalse(self.a.sync_state(U).stale)
+        self.assertEqual(set(self.a.cached_devices(U)), {"D1"})
+
+    def test_resync_timeout_is_thirty_seconds(self) -> None:
+        self.a.track(U)
+        self.network.faults.inject(FaultKind.BLACKHOLE, origin="a.test", path_prefix=DEVICES_PREFIX)
+        self.deliver(self.s, [self.s.user("u").edu("D1")])
+        self.network.advance(29)  # (nothing fires)
+        self.assertEqual(self.a.updater.stats["resync_server_failed"], 0)
+        self.network.advance(1)  # A's client deadline (30 s)
+        self.assertEqual(self.a.updater.stats["resync_server_failed"], 1)
+        self.assertEqual(self.attempts(S), 1)
+
+
+class StorageFailureTests(InboundCase):
+    def test_edu_not_stored_means_500_and_the_retry_is_applied(self) -> None:
+        self.a.track(U)
+        u = self.s.user("u")
+        original = self.a.store.queue_remote_update
+        calls: list[int] = []
+
+        def failing(*args: Any) -> "Deferred[bool]":
+            calls.append(1)
+            if len(calls) == 1:
+                return fail(RuntimeError("disk full"))
+            return original(*args)
+
+        self.a.store.queue_remote_update = failing  # type: ignore[method-assign, assignment]
+        edu = u.edu("D1")
+        d = self.s.send([edu], txn_id="t1")
+        self.network.flush()
+        error = self.failureResultOf(d, HttpResponseError).value
+        self.assertEqual(error.code, 500)
+        self.assertIsNone(self.successResultOf(self.a.store.get_received_txn(S, "t1")))
+        self.assertEqual(self.a.receiver.stats[("m.device_list_update", "failed")], 1)
+        self.flushLoggedErrors(RuntimeError)
+        # the sender retries the same transaction
+        self.assertEqual(self.deliver(self.s, [edu], txn_id="t1"), {"pdus": {}})
+        self.assertEqual(set(self.a.cached_devices(U)), {"D1"})
+
+    def test_a_failed_pass_is_retried_later(self) -> None:
+        self.a.track(U)
+        u = self.s.user("u")
+        self.deliver(self.s, [u.edu("D1")])
+        original = self.a.store.apply_remote_batch
+        self.a.store.apply_remote_batch = (  # type: ignore[method-assign]
+            lambda *args: fail(RuntimeError("database gone"))
+        )
+        self.deliver(self.s, [u.edu("D1", name="x")])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertIsNone(self.a.cached_devices(U)["D1"].display_name)
+        self.a.store.apply_remote_batch = original  # type: ignore[method-assign]
+        self.network.advance(10)  # A's retry after a storage error (10 s)
+        self.assertEqual(self.a.cached_devices(U)["D1"].display_name, "x")
+
+
+class StopTests(InboundCase):
+    def test_no_delayed_calls_left_after_stop(self) -> None:
+        self.a.track(U)
+        self.a.track(V)
+        self.a.track("@w:s.test")
+        u, v, w = self.s.user("u"), self.s.user("v"), self.s.user("w")
+        self.deliver(self.s, [u.edu("D1"), v.edu("D1")])
+        u.edu("D2")
+        self.deliver(self.s, [u.edu("D3")])  # held: a hold timer
+        self.s.errors = [404]
+        self.deliver(self.s, [w.edu("D1")])  # a per-user backoff timer
+        self.s.gate = Deferred()
+        self.a.updater.request_resync("@x:s.test")  # a fetch in flight (with its deadline)
+        self.network.flush()
+        self.assertTrue(self.timers())
+        self.a.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class HostApiTests(InboundCase):
+    def test_host_hands_edus_in_and_hears_of_changes(self) -> None:
+        self.a.track(U)
+        u = self.s.user("u")
+        heard: list[RemoteDeviceListChange] = []
+        self.a.updater.add_listener(heard.append)
+        d = self.a.receiver.receive_edus(S, [u.edu("D1"), {"edu_type": "m.typing", "content": {}}])
+        self.network.flush()
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(heard, [RemoteDeviceListChange(U, ("D1",), resync=True)])
+        self.assertEqual(self.a.receiver.stats[("<unknown>", "unknown_type")], 1)
+
+    def test_a_failing_listener_is_logged_not_fatal(self) -> None:
+        self.a.track(U)
+
+        def broken(change: RemoteDeviceListChange) -> None:
+            raise ValueError("listener bug")
+
+        def broken_async(change: RemoteDeviceListChange) -> "Deferred[None]":
+            return fail(KeyError("async listener bug"))
+
+        self.a.updater.add_listener(broken)
+        self.a.updater.add_listener(broken_async)
+        self.deliver(self.s, [self.s.user("u").edu("D1")])
+        self.assertEqual(set(self.a.cached_devices(U)), {"D1"})
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+
+    def test_is_resync_pending(self) -> None:
+        self.a.track(U)
+        self.network.faults.take_down(S)
+        d = self.a.receiver.receive_edus(S, [self.s.user("u").edu("D1")])
+        self.network.flush()
+        self.successResultOf(d)
+        self.assertTrue(self.a.updater.is_resync_pending(U))
+        self.assertFalse(self.a.updater.is_resync_pending(V))
