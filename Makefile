@@ -6,6 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SERVER_NAME ?= localhost:8448
 DATA_DIR ?= devicelist-data
+CONFIG ?= $(DATA_DIR)/devicelist.yaml
 TRIAL_ARGS ?= tests
 
 SOURCES := setup.cfg pyproject.toml $(shell find devicelist_plugin twisted -name '*.py' -o -name '*.sql')
@@ -18,8 +19,11 @@ $(VENV)/.installed: $(SOURCES)
 	$(BIN)/python -m pip install --quiet '.[postgres,test,dev]'
 	touch $@
 
+# The first run writes a configuration (and signing key, self-signed TLS
+# certificate, registration secret) into DATA_DIR; later runs reuse it.
 run: $(VENV)/.installed
-	$(BIN)/twistd -n devicelist --server-name $(SERVER_NAME) --data-dir $(DATA_DIR)
+	test -f $(CONFIG) || $(BIN)/python -m devicelist_plugin generate-config --server-name $(SERVER_NAME) --data-dir $(DATA_DIR)
+	$(BIN)/twistd -n --pidfile= devicelist --config $(CONFIG)
 
 test: $(VENV)/.installed
 	PYTHONPATH=. $(BIN)/trial $(TRIAL_ARGS)

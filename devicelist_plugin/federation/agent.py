@@ -665,11 +665,16 @@ def build_federation_agent(
     name_resolver: Optional[IHostnameResolver] = None,
     rng: Optional[random.Random] = None,
     user_agent: bytes = DEFAULT_USER_AGENT,
+    pool: Optional[HTTPConnectionPool] = None,
 ) -> MatrixFederationAgent:
     """Wire the production agent: ``twisted.names`` SRV lookups over the name
     servers of ``/etc/resolv.conf`` (unless ``srv_resolver`` is given), a
     :class:`~.discovery.ServerResolver` with a :class:`TreqWellKnownFetcher`,
-    all on ``reactor``.  The one place that builds real DNS and HTTP clients."""
+    all on ``reactor``.  The one place that builds real DNS and HTTP clients.
+
+    :param pool: the federation connection pool (see
+        :class:`MatrixFederationAgent`); pass one to close its connections
+        (``closeCachedConnections``) when the server stops."""
     clock = IReactorTime(reactor)
     if srv_resolver is None:
         from twisted.names import client as names_client
@@ -689,5 +694,6 @@ def build_federation_agent(
         tls_policy,
         ip_filter,
         name_resolver=name_resolver,
+        pool=pool,
         user_agent=user_agent,
     )

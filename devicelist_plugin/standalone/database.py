@@ -63,6 +63,11 @@ class DatabaseService(Service):
         d.addCallbacks(self._opened, self._failed)
 
     def _opened(self, store: Store) -> None:
+        if not self.running:
+            # stopped while opening
+            store.close()
+            self.ready.callback(None)
+            return
         self.store = store
         self.log.info(
             "devicelist: {engine} database ready for {server_name}",
