@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -21,8 +20,8 @@ from devicelist_plugin.core.membership import (
 )
 from devicelist_plugin.membership import InMemoryMembership
 from devicelist_plugin.membership_store import StoreMembership
-from devicelist_plugin.storage import Store, open_postgres_store, open_sqlite_store
-from tests.storage.pgcluster import get_server
+from devicelist_plugin.storage import Store, open_sqlite_store
+from tests.helpers.store import SQLiteStoreCase, PostgresStoreCase
 
 if TYPE_CHECKING:
     _Sync = SynchronousTestCase
@@ -334,21 +333,9 @@ class ConcurrentJoinMixin(_Async):
             self.assertEqual(newly, [{ALICE: frozenset({f"s{attempt}.test"})}], results)
 
 
-class SQLiteConcurrentJoinTests(ConcurrentJoinMixin, TestCase):
-    def setUp(self) -> None:
-        directory = self.mktemp()
-        os.makedirs(directory)
-        self.path = os.path.join(directory, "devicelist.db")
-
-    def open_store(self) -> "Deferred[Store]":
-        return open_sqlite_store(self.path, reactor)
+class SQLiteConcurrentJoinTests(SQLiteStoreCase, ConcurrentJoinMixin):
+    pass
 
 
-class PostgresConcurrentJoinTests(ConcurrentJoinMixin, TestCase):
-    def setUp(self) -> None:
-        server = get_server()
-        name, self.dsn = server.create_database()
-        self.addCleanup(server.drop_database, name)
-
-    def open_store(self) -> "Deferred[Store]":
-        return open_postgres_store(self.dsn, reactor)
+class PostgresConcurrentJoinTests(PostgresStoreCase, ConcurrentJoinMixin):
+    pass

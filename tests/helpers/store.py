@@ -1,14 +1,18 @@
-"""Stores for tests: SQLite with inline transactions, and a dump to compare."""
+"""Stores for tests: SQLite with inline transactions, a dump to compare, and
+the two engines as test-case bases for suites that must pass on both."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from devicelist_plugin.storage import Store, open_sqlite_store
+from devicelist_plugin.storage import Store, open_postgres_store, open_sqlite_store
+from tests.storage.pgcluster import get_server
 
 
 def open_inline_store(case: SynchronousTestCase) -> Store:
@@ -42,3 +46,30 @@ def dump_store(case: SynchronousTestCase, store: Store) -> dict[str, list[tuple[
         store.database.run("dump", txn, readonly=True)
     )
     return result
+
+
+class SQLiteStoreCase(TestCase):
+    """A fresh SQLite file per test; transactions in the pool's thread
+    (inline when ``synchronous``).  Mix a store test mixin in front of it."""
+
+    synchronous = False
+
+    def setUp(self) -> None:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.path = os.path.join(directory, "devicelist.db")
+
+    def open_store(self) -> "Deferred[Store]":
+        return open_sqlite_store(self.path, reactor, synchronous=self.synchronous)
+
+
+class PostgresStoreCase(TestCase):
+    """A fresh PostgreSQL database per test, a pool of five connections."""
+
+    def setUp(self) -> None:
+        server = get_server()
+        name, self.dsn = server.create_database()
+        self.addCleanup(server.drop_database, name)
+
+    def open_store(self) -> "Deferred[Store]":
+        return open_postgres_store(self.dsn, reactor, min_connections=1, max_connections=5)

@@ -5,7 +5,6 @@ changes and claims in flight at once."""
 from __future__ import annotations
 
 import json
-import os
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet import reactor
@@ -20,10 +19,10 @@ from devicelist_plugin.local.handler import (
     thread_pool_runner,
 )
 from devicelist_plugin.membership import InMemoryMembership
-from devicelist_plugin.storage import Store, open_postgres_store, open_sqlite_store
+from devicelist_plugin.storage import Store
 from tests.local.keys import ClientDevice, CrossSigning
-from tests.storage.pgcluster import get_server
 from tests.helpers.membership import share_room
+from tests.helpers.store import SQLiteStoreCase, PostgresStoreCase
 
 if TYPE_CHECKING:
     _Base = TestCase
@@ -117,21 +116,9 @@ class ConcurrencyTestsMixin(_Base):
         self.assertEqual(len(json.loads(encoded)["devices"]), 20)
 
 
-class SQLiteConcurrencyTests(ConcurrencyTestsMixin, TestCase):
-    def setUp(self) -> None:
-        directory = self.mktemp()
-        os.makedirs(directory)
-        self.path = os.path.join(directory, "devicelist.db")
-
-    def open_store(self) -> "Deferred[Store]":
-        return open_sqlite_store(self.path, reactor)
+class SQLiteConcurrencyTests(SQLiteStoreCase, ConcurrencyTestsMixin):
+    pass
 
 
-class PostgresConcurrencyTests(ConcurrencyTestsMixin, TestCase):
-    def setUp(self) -> None:
-        server = get_server()
-        name, self.dsn = server.create_database()
-        self.addCleanup(server.drop_database, name)
-
-    def open_store(self) -> "Deferred[Store]":
-        return open_postgres_store(self.dsn, reactor, min_connections=1, max_connections=5)
+class PostgresConcurrencyTests(PostgresStoreCase, ConcurrencyTestsMixin):
+    pass

@@ -4,10 +4,8 @@ tombstones, the durable EDU inbox, per-user resync backoff, snapshots."""
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any, Optional
 
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
@@ -18,9 +16,9 @@ from devicelist_plugin.core.models import (
     RemoteDevice,
     UserDevicesResponse,
 )
-from devicelist_plugin.storage import Store, open_postgres_store, open_sqlite_store
+from devicelist_plugin.storage import Store
 from devicelist_plugin.storage.types import InboxEntry, RemoteBatchResult, StaleRemoteUser
-from tests.storage.pgcluster import get_server
+from tests.helpers.store import PostgresStoreCase, SQLiteStoreCase
 
 if TYPE_CHECKING:
     _Base = TestCase
@@ -224,27 +222,13 @@ class InboundStoreTestsMixin(_Base):
             await store.apply_remote_batch(U, [wrong], None, [], None, 1)
 
 
-class SQLiteInboundStoreTests(InboundStoreTestsMixin, TestCase):
-    synchronous = False
-
-    def setUp(self) -> None:
-        directory = self.mktemp()
-        os.makedirs(directory)
-        self.path = os.path.join(directory, "devicelist.db")
-
-    def open_store(self) -> "Deferred[Store]":
-        return open_sqlite_store(self.path, reactor, synchronous=self.synchronous)
+class SQLiteInboundStoreTests(SQLiteStoreCase, InboundStoreTestsMixin):
+    pass
 
 
 class SQLiteInlineInboundStoreTests(SQLiteInboundStoreTests):
     synchronous = True
 
 
-class PostgresInboundStoreTests(InboundStoreTestsMixin, TestCase):
-    def setUp(self) -> None:
-        server = get_server()
-        name, self.dsn = server.create_database()
-        self.addCleanup(server.drop_database, name)
-
-    def open_store(self) -> "Deferred[Store]":
-        return open_postgres_store(self.dsn, reactor, min_connections=1, max_connections=2)
+class PostgresInboundStoreTests(PostgresStoreCase, InboundStoreTestsMixin):
+    pass

@@ -25,7 +25,7 @@ from devicelist_plugin.local.handler import LocalDeviceHandler
 from devicelist_plugin.membership import InMemoryMembership
 from devicelist_plugin.replication.retry import DestinationRetryTracker
 from devicelist_plugin.replication.sender import DeviceListSender, ErrorAction, action_for_error
-from devicelist_plugin.storage import Store, open_postgres_store, open_sqlite_store
+from devicelist_plugin.storage import Store, open_sqlite_store
 from tests.helpers.membership import share_room
 from tests.local.keys import ClientDevice, CrossSigning
 from tests.replication.outbound_harness import (
@@ -43,7 +43,7 @@ from tests.replication.outbound_harness import (
     backoff_delays,
     fixed_jitter,
 )
-from tests.storage.pgcluster import get_server
+from tests.helpers.store import SQLiteStoreCase, PostgresStoreCase
 
 if TYPE_CHECKING:
     _Base = TestCase
@@ -558,21 +558,9 @@ class ConcurrentWritersMixin(_Base):
             self.assertEqual({d for d, e in last.items() if not e.deleted}, devices)
 
 
-class SQLiteConcurrentWritersTests(ConcurrentWritersMixin, TestCase):
-    def setUp(self) -> None:
-        directory = self.mktemp()
-        os.makedirs(directory)
-        self.path = os.path.join(directory, "devicelist.db")
-
-    def open_store(self) -> "Deferred[Store]":
-        return open_sqlite_store(self.path, reactor)
+class SQLiteConcurrentWritersTests(SQLiteStoreCase, ConcurrentWritersMixin):
+    pass
 
 
-class PostgresConcurrentWritersTests(ConcurrentWritersMixin, TestCase):
-    def setUp(self) -> None:
-        server = get_server()
-        name, self.dsn = server.create_database()
-        self.addCleanup(server.drop_database, name)
-
-    def open_store(self) -> "Deferred[Store]":
-        return open_postgres_store(self.dsn, reactor)
+class PostgresConcurrentWritersTests(PostgresStoreCase, ConcurrentWritersMixin):
+    pass

@@ -5,17 +5,15 @@
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
 
-from devicelist_plugin.storage import Store, open_postgres_store, open_sqlite_store
+from devicelist_plugin.storage import Store
 from devicelist_plugin.storage.engines import Txn
 from devicelist_plugin.storage.types import CrossSigningSignature, PendingRow
-from tests.storage.pgcluster import get_server
+from tests.helpers.store import SQLiteStoreCase, PostgresStoreCase
 
 if TYPE_CHECKING:
     _Base = TestCase
@@ -296,18 +294,8 @@ class LocalKeysStoreTestsMixin(_Base):
         self.assertEqual(await store.get_max_stream_id(ALICE), 2)
 
 
-class SQLiteLocalKeysTests(LocalKeysStoreTestsMixin, TestCase):
+class SQLiteLocalKeysTests(SQLiteStoreCase, LocalKeysStoreTestsMixin):
     """SQLite in a temporary file, transactions in the pool's thread."""
-
-    synchronous = False
-
-    def setUp(self) -> None:
-        directory = self.mktemp()
-        os.makedirs(directory)
-        self.path = os.path.join(directory, "devicelist.db")
-
-    def open_store(self) -> "Deferred[Store]":
-        return open_sqlite_store(self.path, reactor, synchronous=self.synchronous)
 
 
 class SQLiteInlineLocalKeysTests(SQLiteLocalKeysTests):
@@ -316,13 +304,5 @@ class SQLiteInlineLocalKeysTests(SQLiteLocalKeysTests):
     synchronous = True
 
 
-class PostgresLocalKeysTests(LocalKeysStoreTestsMixin, TestCase):
+class PostgresLocalKeysTests(PostgresStoreCase, LocalKeysStoreTestsMixin):
     """PostgreSQL, a fresh database per test, a pool of five connections."""
-
-    def setUp(self) -> None:
-        server = get_server()
-        name, self.dsn = server.create_database()
-        self.addCleanup(server.drop_database, name)
-
-    def open_store(self) -> "Deferred[Store]":
-        return open_postgres_store(self.dsn, reactor, min_connections=1, max_connections=5)

@@ -3,16 +3,14 @@ membership source, run identically against SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
-from devicelist_plugin.storage import Store, open_postgres_store, open_sqlite_store
+from devicelist_plugin.storage import Store
 from devicelist_plugin.storage.types import PendingRow
-from tests.storage.pgcluster import get_server
+from tests.helpers.store import SQLiteStoreCase, PostgresStoreCase
 
 if TYPE_CHECKING:
     _Base = TestCase
@@ -133,21 +131,9 @@ class OutboundStoreMixin(_Base):
         self.assertEqual(await store.get_servers_sharing_room(ALICE, OURS), frozenset())
 
 
-class SQLiteOutboundStoreTests(OutboundStoreMixin, TestCase):
-    def setUp(self) -> None:
-        directory = self.mktemp()
-        os.makedirs(directory)
-        self.path = os.path.join(directory, "devicelist.db")
-
-    def open_store(self) -> "Deferred[Store]":
-        return open_sqlite_store(self.path, reactor)
+class SQLiteOutboundStoreTests(SQLiteStoreCase, OutboundStoreMixin):
+    pass
 
 
-class PostgresOutboundStoreTests(OutboundStoreMixin, TestCase):
-    def setUp(self) -> None:
-        server = get_server()
-        name, self.dsn = server.create_database()
-        self.addCleanup(server.drop_database, name)
-
-    def open_store(self) -> "Deferred[Store]":
-        return open_postgres_store(self.dsn, reactor)
+class PostgresOutboundStoreTests(PostgresStoreCase, OutboundStoreMixin):
+    pass
