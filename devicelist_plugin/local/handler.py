@@ -383,18 +383,32 @@ class LocalDeviceHandler:
     async def _create_device(
         self, user_id: str, device_id: str, display_name: Optional[str]
     ) -> int:
+        name = _check_display_name(display_name)
+        return await self._change_device(
+            user_id,
+            device_id,
+            lambda now, dests: self._store.create_device(user_id, device_id, name, now, dests),
+        )
+
+    async def _change_device(
+        self,
+        user_id: str,
+        device_id: str,
+        write: Callable[[int, frozenset[str]], "Deferred[int]"],
+    ) -> int:
+        """Check the ids, write the change with every destination's pending
+        row in one transaction, then tell the listeners."""
         self.check_local_user(user_id)
         _check_device_id(device_id)
-        name = _check_display_name(display_name)
         destinations = await self._destinations(user_id)
         try:
-            stream_id = await self._store.create_device(
-                user_id, device_id, name, self._now_ms(), destinations
-            )
+            stream_id = await write(self._now_ms(), destinations)
         except DeviceExistsError:
             raise MatrixError(
                 400, M_INVALID_PARAM, f"Device {device_id!r} of {user_id} already exists"
             ) from None
+        except UnknownDeviceError as e:
+            raise _unknown_device(e) from None
         self._notify(user_id, stream_id, (device_id,))
         return stream_id
 
@@ -410,18 +424,12 @@ class LocalDeviceHandler:
     async def _rename_device(
         self, user_id: str, device_id: str, display_name: Optional[str]
     ) -> int:
-        self.check_local_user(user_id)
-        _check_device_id(device_id)
         name = _check_display_name(display_name)
-        destinations = await self._destinations(user_id)
-        try:
-            stream_id = await self._store.rename_device(
-                user_id, device_id, name, self._now_ms(), destinations
-            )
-        except UnknownDeviceError as e:
-            raise _unknown_device(e) from None
-        self._notify(user_id, stream_id, (device_id,))
-        return stream_id
+        return await self._change_device(
+            user_id,
+            device_id,
+            lambda now, dests: self._store.rename_device(user_id, device_id, name, now, dests),
+        )
 
     def delete_device(self, user_id: str, device_id: str) -> "Deferred[int]":
         """Delete a device with all its keys and the signatures of it (at
@@ -432,17 +440,11 @@ class LocalDeviceHandler:
         return self._run(self._delete_device(user_id, device_id))
 
     async def _delete_device(self, user_id: str, device_id: str) -> int:
-        self.check_local_user(user_id)
-        _check_device_id(device_id)
-        destinations = await self._destinations(user_id)
-        try:
-            stream_id = await self._store.delete_device(
-                user_id, device_id, self._now_ms(), destinations
-            )
-        except UnknownDeviceError as e:
-            raise _unknown_device(e) from None
-        self._notify(user_id, stream_id, (device_id,))
-        return stream_id
+        return await self._change_device(
+            user_id,
+            device_id,
+            lambda now, dests: self._store.delete_device(user_id, device_id, now, dests),
+        )
 
     def get_devices(self, user_id: str) -> "Deferred[list[LocalDevice]]":
         """A local user's devices, ordered by device id (names, stored keys,
