@@ -30,7 +30,7 @@ test: $(VENV)/.installed
 
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
-	$(BIN)/ruff check --select F devicelist_plugin tests twisted bench
+	$(BIN)/ruff check --select F devicelist_plugin tests twisted bench examples
 
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp* .mypy_cache .hypothesis

@@ -396,6 +396,10 @@ class DeviceListSender(Service):
         self.edus_sent = 0
         self.failures = 0
         self.compacted_rows = 0
+        #: destination -> clock time of the last delivered transaction (this process)
+        self.last_success: dict[str, float] = {}
+        #: destination -> (clock time, reason) of the last failed attempt (this process)
+        self.last_error: dict[str, tuple[float, str]] = {}
 
     # ------------------------------------------------------------------
     # life cycle
@@ -837,6 +841,7 @@ class DeviceListSender(Service):
             destination, txn.sent, txn.unreferenced_after, completed_txn_id=txn.txn_id
         )
         await self._tracker.record_success(destination)
+        self.last_success[destination] = self._clock.seconds()
         self._not_before.pop(destination, None)
         limit = self._limits.pop(destination, self._edu_limit)
         if limit * 2 < self._edu_limit:
@@ -892,6 +897,7 @@ class DeviceListSender(Service):
         not_before: Optional[float] = None,
     ) -> _Outcome:
         self.failures += 1
+        self.last_error[destination] = (self._clock.seconds(), reason)
         if rebuild and txn is not None:
             await self._abandon(destination, txn)
         retry_at = await self._tracker.record_failure(destination)

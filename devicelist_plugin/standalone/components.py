@@ -3,15 +3,20 @@
 :func:`build_components` wires them from the configuration, the start-up
 files, the open store, a clock/reactor and an outbound ``IAgent``:
 
-- the :class:`~devicelist_plugin.local.handler.LocalDeviceHandler` (local
-  users' devices and keys);
-- the federation transport (key server, key ring, signed client,
-  authenticator) with the local-device federation endpoints registered;
+- the :class:`~devicelist_plugin.module.DeviceListModule`: the
+  :class:`~devicelist_plugin.local.handler.LocalDeviceHandler` (local users'
+  devices and keys), the federation transport (key server, key ring, signed
+  client, authenticator) with the local-device endpoints and ``/send``
+  registered, the remote device-list updater, the key querier and the
+  outbound sender (started by the service tree's ``replication`` child);
 - a key-server-only resource for listeners that serve ``keys`` without
   ``federation``;
 - the :class:`~devicelist_plugin.client.api.ClientApi` over an
   :class:`~devicelist_plugin.storage.accounts.AccountStore` on the same
-  database.
+  database, whose ``/keys/query`` and ``/keys/claim`` for remote users go
+  through the module;
+- the :class:`~devicelist_plugin.standalone.admin.AdminApi` (admin users'
+  tokens of the client API) and the module's Prometheus metrics.
 
 Everything else the server runs (replication, admin API, metrics) hangs off
 :class:`ServerComponents`: add the object here and its resource to
@@ -27,15 +32,12 @@ from twisted.web.iweb import IAgent
 
 from devicelist_plugin.client.api import ClientApi
 from devicelist_plugin.client.passwords import PasswordHasher
-from devicelist_plugin.federation.local_endpoints import LocalDeviceEndpoints
 from devicelist_plugin.federation.resource import JsonResource
-from devicelist_plugin.federation.transport import (
-    FederationTransport,
-    FederationTransportConfig,
-    build_federation_transport,
-)
+from devicelist_plugin.federation.transport import FederationTransport, FederationTransportConfig
 from devicelist_plugin.local.handler import CpuRunner, LocalDeviceHandler
 from devicelist_plugin.membership import MembershipSource
+from devicelist_plugin.module import DeviceListModule, ModuleConfig
+from devicelist_plugin.standalone.admin import AdminApi
 from devicelist_plugin.standalone.config import Config
 from devicelist_plugin.standalone.startup import StartupFiles
 from devicelist_plugin.storage.accounts import AccountStore
@@ -57,6 +59,24 @@ class ServerComponents:
     transport: FederationTransport
     key_resource: JsonResource
     client_api: ClientApi
+    module: DeviceListModule
+    admin_api: AdminApi
+
+
+def module_config(config: Config) -> ModuleConfig:
+    """The module's tunables from the server configuration."""
+    return ModuleConfig(
+        retry_policy=config.retry_policy,
+        allow_device_name_lookup_over_federation=config.allow_device_name_lookup_over_federation,
+        hold_grace=config.device_list_resync_grace_ms / 1000,
+        resync_timeout=config.device_list_resync_timeout_ms / 1000,
+        max_devices_per_user=config.max_remote_devices_per_user,
+        transport=FederationTransportConfig(
+            key_refresh_interval_ms=config.key_refresh_interval_ms,
+            trusted_key_servers=config.trusted_key_servers,
+        ),
+        old_verify_keys=tuple(config.old_signing_keys),
+    )
 
 
 def build_components(
@@ -75,27 +95,18 @@ def build_components(
     :param cpu_runner: runs bcrypt and the encoding of big answers
         (``thread_pool_runner`` on a real reactor).
     """
-    handler = LocalDeviceHandler(
-        config.server_name,
-        store,
-        membership,
-        reactor,
-        allow_device_name_lookup_over_federation=config.allow_device_name_lookup_over_federation,
-        cpu_runner=cpu_runner,
-    )
-    transport = build_federation_transport(
+    module = DeviceListModule(
         config.server_name,
         files.signing_keys,
         store,
         reactor,
         agent,
-        old_verify_keys=config.old_signing_keys,
-        config=FederationTransportConfig(
-            key_refresh_interval_ms=config.key_refresh_interval_ms,
-            trusted_key_servers=config.trusted_key_servers,
-        ),
+        membership,
+        module_config(config),
+        cpu_runner=cpu_runner,
     )
-    LocalDeviceEndpoints(handler).register(transport.resource)
+    handler = module.local
+    transport = module.transport
     key_resource = JsonResource()
     transport.key_server.register(key_resource)
     account_store = AccountStore(store.database)
@@ -106,6 +117,8 @@ def build_components(
         reactor,
         password_hasher=PasswordHasher(config.bcrypt_rounds, cpu_runner),
         registration_shared_secret=files.registration_shared_secret,
+        remote_query=module.remote_keys_query,
+        remote_client=module.remote_key_claimer,
     )
     return ServerComponents(
         config=config,
@@ -117,4 +130,6 @@ def build_components(
         transport=transport,
         key_resource=key_resource,
         client_api=client_api,
+        module=module,
+        admin_api=AdminApi(module, client_api.auth),
     )

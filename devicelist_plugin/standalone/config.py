@@ -50,13 +50,11 @@ YEAR_MS = 365 * DAY_MS
 
 #: Listener resources this version serves.  (Part of the composition of
 #: :mod:`devicelist_plugin.standalone.site`, which has one mount function per name.)
-SERVED_RESOURCE_NAMES: tuple[str, ...] = ("federation", "client", "keys")
+SERVED_RESOURCE_NAMES: tuple[str, ...] = ("federation", "client", "keys", "admin", "metrics")
 #: Resource names Synapse (or a later version of this plugin) knows that this
 #: version does not serve: accepted with a warning, so a Synapse listener
 #: definition can be reused.
 IGNORED_RESOURCE_NAMES: tuple[str, ...] = (
-    "admin",
-    "metrics",
     "media",
     "openid",
     "replication",
@@ -75,9 +73,9 @@ DEFAULT_BIND_ADDRESSES: tuple[str, ...] = ("127.0.0.1",)
 
 DEFAULT_KEY_REFRESH_INTERVAL_MS = DAY_MS
 DEFAULT_BCRYPT_ROUNDS = 12
-DEFAULT_RESYNC_GRACE_MS = 5 * SECOND_MS
+DEFAULT_RESYNC_GRACE_MS = 2 * SECOND_MS
 DEFAULT_RESYNC_TIMEOUT_MS = 30 * SECOND_MS
-DEFAULT_MAX_REMOTE_DEVICES_PER_USER = 100_000
+DEFAULT_MAX_REMOTE_DEVICES_PER_USER = 50_000
 
 _BLOCKLIST_SPELLINGS = ("ip_range_blocklist", "ip_range_blacklist", "federation_ip_range_blacklist")
 _ALLOWLIST_SPELLINGS = ("ip_range_allowlist", "ip_range_whitelist")
@@ -303,7 +301,7 @@ KEY_DOCS: tuple[KeyDoc, ...] = (
     ),
     KeyDoc(
         "device_list_resync_grace",
-        "5s",
+        "2s",
         "How long an EDU whose prev_id is unknown is held (its predecessor may be late) "
         "before the user is resynced.",
     ),
@@ -314,8 +312,9 @@ KEY_DOCS: tuple[KeyDoc, ...] = (
     ),
     KeyDoc(
         "max_remote_devices_per_user",
-        "100000",
-        "Remote users with more devices are cached up to this many (logged when exceeded).",
+        "50000",
+        "A resync answer listing more devices than this is refused and logged; the user "
+        "stays stale and is retried with backoff.",
     ),
 )
 

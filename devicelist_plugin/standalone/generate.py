@@ -18,8 +18,8 @@ file                            mode   what
 The configuration has two listeners: TLS on ``port`` (default: the server
 name's port, else 8448) on the ``bind`` addresses serving ``federation`` and
 ``client``, and plain HTTP on 127.0.0.1:``client_port`` (default 8008) serving
-``client``, which is what Synapse's ``register_new_matrix_user -c
-devicelist.yaml`` looks for.  ``test_network`` turns certificate
+``client``, ``admin`` and ``metrics`` (the listener Synapse's
+``register_new_matrix_user -c devicelist.yaml`` looks for).  ``test_network`` turns certificate
 verification off and allows loopback addresses for outbound federation, for
 several servers on one machine.
 
@@ -206,7 +206,8 @@ trusted_key_servers: []
 
 # HTTP listeners.  resources: federation (/_matrix/federation and
 # /_matrix/key), keys (/_matrix/key only), client (/_matrix/client and
-# Synapse's /_synapse/admin/v1/register).  bind_addresses defaults to
+# Synapse's /_synapse/admin/v1/register), admin (/_devicelist/admin, admin
+# users' access tokens), metrics (/_devicelist/metrics, Prometheus).  bind_addresses defaults to
 # ['127.0.0.1']; list the addresses to expose, e.g. ['::', '0.0.0.0'].
 # x_forwarded: take client addresses from X-Forwarded-For (reverse proxy).
 listeners:
@@ -218,15 +219,15 @@ listeners:
     x_forwarded: false
     resources:
       - names: [federation, client]
-  # plain HTTP on loopback for local clients and tools
-  # (Synapse's register_new_matrix_user -c {name(files.config)})
+  # plain HTTP on loopback for local clients, tools (Synapse's
+  # register_new_matrix_user -c {name(files.config)}), the admin API and metrics
   - port: {client_port}
     bind_addresses: ["127.0.0.1"]
     type: http
     tls: false
     x_forwarded: false
     resources:
-      - names: [client]
+      - names: [client, admin, metrics]
 
 # The PEM certificate (followed by its chain) of TLS listeners.  The
 # generated one is self-signed: fine for tests, not for federating with
@@ -287,13 +288,14 @@ bcrypt_rounds: 12
 
 # An update whose prev_id is unknown is held this long (its predecessor may
 # be late) before the user's device list is fetched again.
-device_list_resync_grace: 5s
+device_list_resync_grace: 2s
 
 # Timeout of fetching a remote user's device list.
 device_list_resync_timeout: 30s
 
-# The most devices cached for one remote user.
-max_remote_devices_per_user: 100000
+# A remote user's device list with more devices than this is refused (and
+# logged); the user stays stale and is retried with backoff.
+max_remote_devices_per_user: 50000
 """
 
 

@@ -9,6 +9,10 @@
                      closes its pooled connections when stopping.  Our own
                      keys need no refreshing: every key response is signed
                      when asked for, valid for key_refresh_interval
+    replication      the device-list module's updater and sender
+                     (:class:`~devicelist_plugin.module.DeviceListModule`),
+                     started once the components are built, stopped after
+                     the listeners and before the store
     listeners        one child per configured listener ("listener-0", ...),
                      each listening on its bind addresses (TCP, or TLS with
                      the configured certificate)
@@ -54,10 +58,12 @@ from devicelist_plugin.federation.agent import build_federation_agent
 from devicelist_plugin.federation.resource import DEFAULT_MAX_BODY_SIZE
 from devicelist_plugin.local.handler import CpuRunner, thread_pool_runner
 from devicelist_plugin.membership import InMemoryMembership, MembershipSource
+from devicelist_plugin.membership_store import StoreMembership
+from devicelist_plugin.module import DeviceListModule
 from devicelist_plugin.standalone.components import ServerComponents, build_components
 from devicelist_plugin.standalone.config import Config, ListenerConfig
 from devicelist_plugin.standalone.database import DatabaseService
-from devicelist_plugin.standalone.site import build_root_resource, make_site
+from devicelist_plugin.standalone.site import RequestObserver, build_root_resource, make_site
 from devicelist_plugin.standalone.startup import StartupFiles
 from devicelist_plugin.storage.store import Store
 
@@ -73,6 +79,32 @@ MembershipFactory = Callable[[Config, Store], MembershipSource]
 def in_memory_membership(config: Config, store: Store) -> MembershipSource:
     """Memberships kept in memory, empty at start."""
     return InMemoryMembership(config.server_name)
+
+
+def store_membership(config: Config, store: Store) -> MembershipSource:
+    """Memberships kept in the database (set through the admin API)."""
+    return StoreMembership(config.server_name, store)
+
+
+class ReplicationService(Service):
+    """Runs the :class:`~devicelist_plugin.module.DeviceListModule` handed
+    to :meth:`attach` (its updater and sender) until the service stops."""
+
+    def __init__(self) -> None:
+        self.module: Optional[DeviceListModule] = None
+
+    def attach(self, module: DeviceListModule) -> "Deferred[None]":
+        self.module = module
+        if not self.running:
+            return succeed(None)
+        return module.start()
+
+    def stopService(self) -> "Deferred[None]":
+        super().stopService()
+        module, self.module = self.module, None
+        if module is None:
+            return succeed(None)
+        return module.stop()
 
 
 class FederationKeysService(Service):
@@ -152,8 +184,11 @@ class ListenerService(Service):
             return TCP6ServerEndpoint(self._reactor, port, interface=address)
         return TCP4ServerEndpoint(self._reactor, port, interface=address)
 
-    async def serve(self, root: IResource) -> None:
-        """Listen with ``root`` on every bind address.
+    async def serve(
+        self, root: IResource, request_observer: Optional[RequestObserver] = None
+    ) -> None:
+        """Listen with ``root`` on every bind address (``request_observer``:
+        see :func:`~.site.make_site`).
 
         :raise CannotListenError: an address could not be bound (the ports
             already opened are closed again).
@@ -163,6 +198,7 @@ class ListenerService(Service):
             self._reactor,
             x_forwarded=self.listener.x_forwarded,
             max_body_size=self._max_body_size,
+            request_observer=request_observer,
         )
         addresses = self.listener.bind_addresses
         try:
@@ -203,7 +239,7 @@ class StandaloneService(MultiService):
 
     :param agent: the outbound ``IAgent`` (default: the production agent).
     :param membership_factory: the membership source, built on the open
-        store (default: memberships in memory).
+        store (default: memberships in the database, :func:`store_membership`).
     :param cpu_runner: runs bcrypt and big encodings (default: the
         reactor's thread pool).
     :param log_observer: handed to twistd's application as its
@@ -219,7 +255,7 @@ class StandaloneService(MultiService):
         files: StartupFiles,
         *,
         agent: Optional[IAgent] = None,
-        membership_factory: MembershipFactory = in_memory_membership,
+        membership_factory: MembershipFactory = store_membership,
         cpu_runner: Optional[CpuRunner] = None,
         log_observer: Optional[ILogObserver] = None,
     ) -> None:
@@ -241,6 +277,9 @@ class StandaloneService(MultiService):
         self.federation_keys = FederationKeysService(reactor, config, files, agent)
         self.federation_keys.setName("federation-keys")
         self.federation_keys.setServiceParent(self)
+        self.replication = ReplicationService()
+        self.replication.setName("replication")
+        self.replication.setServiceParent(self)
         self.listeners = MultiService()
         self.listeners.setName("listeners")
         self.listeners.setServiceParent(self)
@@ -299,10 +338,17 @@ class StandaloneService(MultiService):
             runner,
         )
         self.components = components
+        await self.replication.attach(components.module)
+        if not self.running:
+            self._fire(None)
+            return
         if not self.listener_services:
             self.log.warn("devicelist: no listeners configured: no HTTP endpoint is served")
         for child in self.listener_services:
-            await child.serve(build_root_resource(child.listener.resources, components))
+            await child.serve(
+                build_root_resource(child.listener.resources, components),
+                components.module.metrics.observe_request,
+            )
             if not self.running:
                 break
         self.log.info(

@@ -11,6 +11,9 @@ name            paths
 ``federation``  ``/_matrix/federation/*`` and ``/_matrix/key/*``
 ``keys``        ``/_matrix/key/*``
 ``client``      ``/_matrix/client/*`` and ``/_synapse/admin/v1/register``
+``admin``       ``/_devicelist/admin/*`` (:mod:`.admin`)
+``metrics``     ``/_devicelist/metrics`` and ``/_synapse/metrics``
+                (Prometheus text format, :mod:`devicelist_plugin.metrics`)
 ==============  ==========================================================
 
 (Synapse's names and paths.)  A new resource is one more entry here and its
@@ -25,6 +28,8 @@ Twisted HTML page.
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
+
+from twisted.internet.interfaces import IReactorTime
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress
@@ -67,10 +72,21 @@ def _client(components: ServerComponents) -> list[Mount]:
     return [("/_matrix/client", resource), ("/_synapse/admin/v1/register", resource)]
 
 
+def _admin(components: ServerComponents) -> list[Mount]:
+    return [("/_devicelist/admin", components.admin_api.resource)]
+
+
+def _metrics(components: ServerComponents) -> list[Mount]:
+    resource = components.module.metrics.resource
+    return [("/_devicelist/metrics", resource), ("/_synapse/metrics", resource)]
+
+
 RESOURCE_MOUNTS: dict[str, Callable[[ServerComponents], list[Mount]]] = {
     "federation": _federation,
     "keys": _keys,
     "client": _client,
+    "admin": _admin,
+    "metrics": _metrics,
 }
 
 
@@ -138,16 +154,48 @@ class XForwardedRequest(SizeLimitingRequest):
         return super().getClientAddress()
 
 
+#: Called with each finished request and its duration in seconds.
+RequestObserver = Callable[[IRequest, float], None]
+
+
+def _timed(
+    base: type[SizeLimitingRequest], clock: IReactorTime, observer: RequestObserver
+) -> type[SizeLimitingRequest]:
+    """``base`` telling ``observer`` of each finished request and its duration."""
+    class TimedRequest(base):  # type: ignore[valid-type,misc]
+        _started: Optional[float] = None
+
+        def process(self) -> None:
+            self._started = clock.seconds()
+            super().process()
+
+        def finish(self) -> None:
+            super().finish()
+            if self._started is not None:
+                started, self._started = self._started, None
+                try:
+                    observer(self, clock.seconds() - started)
+                except Exception:
+                    pass
+
+    return TimedRequest
+
+
 def make_site(
     root: IResource,
     reactor: object,
     *,
     x_forwarded: bool = False,
     max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+    request_observer: Optional[RequestObserver] = None,
 ) -> Site:
     """A Site for ``root``: request bodies limited while received, no form
-    parsing, client addresses from ``X-Forwarded-For`` when ``x_forwarded``."""
-    base = XForwardedRequest if x_forwarded else SizeLimitingRequest
+    parsing, client addresses from ``X-Forwarded-For`` when ``x_forwarded``;
+    ``request_observer(request, seconds)`` is told of each finished request
+    (the metrics' latency histogram)."""
+    base: type[SizeLimitingRequest] = XForwardedRequest if x_forwarded else SizeLimitingRequest
+    if request_observer is not None:
+        base = _timed(base, reactor, request_observer)  # type: ignore[arg-type]
     return Site(
         root,
         requestFactory=base.with_limit(max_body_size),

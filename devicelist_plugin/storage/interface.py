@@ -48,7 +48,7 @@ from devicelist_plugin.storage.types import (
     StreamChange,
 )
 
-from devicelist_plugin.storage.types import OutboundRowCounts, PendingBatch
+from devicelist_plugin.storage.types import DestinationStatus, OutboundRowCounts, PendingBatch
 
 
 class IDeviceListStore(Protocol):
@@ -382,6 +382,14 @@ class IDeviceListStore(Protocol):
 
     def count_outbound_rows(self, destination: str) -> "Deferred[OutboundRowCounts]":
         """How many pending, unreferenced and chain-reset rows the destination has."""
+
+    # -- admin API: destination status (devicelist_plugin/standalone/admin.py) --
+
+    def get_destination_statuses(
+        self, destination: Optional[str] = None
+    ) -> "Deferred[list[DestinationStatus]]":
+        """Every destination with pending updates or sender state (or only
+        ``destination``), sorted by name."""
 
     # -- room memberships (the standalone server's MembershipSource) -----------
 

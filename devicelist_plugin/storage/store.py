@@ -78,7 +78,7 @@ from devicelist_plugin.core.membership import (
     untracked_on_leave,
 )
 from devicelist_plugin.storage.engines import Isolation
-from devicelist_plugin.storage.types import OutboundRowCounts, PendingBatch
+from devicelist_plugin.storage.types import DestinationStatus, OutboundRowCounts, PendingBatch
 
 if TYPE_CHECKING:
     from devicelist_plugin.storage.interface import IDeviceListStore
@@ -1226,6 +1226,49 @@ class Store:
             )
 
         return self.database.run("count_outbound_rows", txn, readonly=True)
+
+    # ------------------------------------------------------------------
+    # Admin API: destination status (devicelist_plugin/standalone/admin.py)
+    # ------------------------------------------------------------------
+
+    def get_destination_statuses(
+        self, destination: Optional[str] = None
+    ) -> "Deferred[list[DestinationStatus]]":
+        where = "" if destination is None else " WHERE destination = ?"
+        args: tuple[str, ...] = () if destination is None else (destination,)
+
+        def txn(t: Txn) -> list[DestinationStatus]:
+            pending: dict[str, tuple[int, Optional[int]]] = {
+                str(r[0]): (int(r[1]), None if r[2] is None else int(r[2]))
+                for r in t.query(
+                    "SELECT destination, COUNT(*), MIN(queued_ts) FROM outbound_pending"
+                    + where
+                    + " GROUP BY destination",
+                    args,
+                )
+            }
+            states: dict[str, tuple[Optional[RetryState], Optional[str]]] = {}
+            for r in t.query(
+                "SELECT destination, failure_ts, retry_last_ts, retry_interval_ms,"
+                " retry_attempts, inflight_txn_id FROM outbound_destinations" + where,
+                args,
+            ):
+                healthy = r[1] is None and r[2] is None and not r[3] and not r[4]
+                retry = None if healthy else RetryState(
+                    failure_ts=None if r[1] is None else int(r[1]),
+                    retry_last_ts=None if r[2] is None else int(r[2]),
+                    retry_interval_ms=int(r[3]),
+                    attempts=int(r[4]),
+                )
+                states[str(r[0])] = (retry, None if r[5] is None else str(r[5]))
+            result = []
+            for name in sorted(set(pending) | set(states)):
+                count, oldest = pending.get(name, (0, None))
+                retry, inflight = states.get(name, (None, None))
+                result.append(DestinationStatus(name, count, oldest, retry, inflight))
+            return result
+
+        return self.database.run("get_destination_statuses", txn, readonly=True)
 
     # ------------------------------------------------------------------
     # Room memberships (devicelist_plugin/membership_store.py)

@@ -153,6 +153,21 @@ class OutboundRowCounts:
 
 
 @dataclass(frozen=True)
+class DestinationStatus:
+    """What the admin API reports of one destination (times in ms)."""
+
+    destination: str
+    # pending (collapsed) device and signing-key updates
+    pending: int
+    # queued_ts of the oldest pending update, None when nothing is pending
+    oldest_pending_ts: Optional[int]
+    # the persisted backoff; None when the destination is healthy
+    retry: Optional["RetryState"]
+    # the txnId of the transaction being sent, if any
+    inflight_txn_id: Optional[str]
+
+
+@dataclass(frozen=True)
 class RetryState:
     """Backoff bookkeeping for one destination (all times in ms)."""
 

@@ -76,9 +76,9 @@ class GoodConfigTests(SynchronousTestCase):
         self.assertEqual(config.retry_policy, BackoffPolicy())
         self.assertIsNone(config.log_config)
         self.assertEqual(config.bcrypt_rounds, 12)
-        self.assertEqual(config.device_list_resync_grace_ms, 5000)
+        self.assertEqual(config.device_list_resync_grace_ms, 2000)
         self.assertEqual(config.device_list_resync_timeout_ms, 30_000)
-        self.assertEqual(config.max_remote_devices_per_user, 100_000)
+        self.assertEqual(config.max_remote_devices_per_user, 50_000)
         self.assertEqual(config.database.args["database"], f"{BASE}/devicelist.db")
         self.assertEqual(config.warnings, ())
 
@@ -164,7 +164,6 @@ class GoodConfigTests(SynchronousTestCase):
                 "unknown configuration key 'colour' ignored",
                 "listeners[0]: listeners of type 'manhole' are not served; ignored",
                 "listeners[1].resources[0].names[1]: resource 'media' is not served; ignored",
-                "listeners[1].resources[0].names[2]: resource 'metrics' is not served; ignored",
                 "unknown configuration key 'federation.client_timeout' ignored",
             ),
         )

@@ -67,7 +67,7 @@ class GenerateTests(SynchronousTestCase):
         self.assertEqual(config.database.args["database"], os.path.join(self.dir, "devicelist.db"))
         tls, plain = config.listeners
         self.assertEqual((tls.port, tls.bind_addresses, tls.tls, tls.resources), (9448, ("::", "0.0.0.0"), True, ("federation", "client")))
-        self.assertEqual((plain.port, plain.bind_addresses, plain.tls, plain.resources), (9008, ("127.0.0.1",), False, ("client",)))
+        self.assertEqual((plain.port, plain.bind_addresses, plain.tls, plain.resources), (9008, ("127.0.0.1",), False, ("client", "admin", "metrics")))
         self.assertTrue(config.federation_verify_certificates)
         self.assertTrue(config.ip_range_filter.is_blocked("127.0.0.1"))
         secret = config.registration_shared_secret

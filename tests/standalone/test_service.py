@@ -106,7 +106,7 @@ class ServiceTreeTests(SynchronousTestCase):
         os.makedirs(directory)
         config = standalone_config(directory)
         service = StandaloneService(MemoryReactorClock(), config, load_startup_files(config))
-        self.assertEqual([s.name for s in service], ["database", "federation-keys", "listeners"])
+        self.assertEqual([s.name for s in service], ["database", "federation-keys", "replication", "listeners"])
         self.assertIs(service.getServiceNamed("database"), service.database)
         self.assertEqual([s.name for s in service.listeners], ["listener-0", "listener-1"])
         self.assertEqual(

@@ -36,6 +36,7 @@ from devicelist_plugin.storage.engines import Isolation, Txn
 from devicelist_plugin.storage.migrations import Migration, load_migrations
 from devicelist_plugin.storage.types import (
     CrossSigningSignature,
+    DestinationStatus,
     InflightTransaction,
     PendingRow,
     RetryState,
@@ -453,6 +454,29 @@ class StoreTestsMixin(_Base):
         self.assertIsNotNone(await store.get_inflight_txn("a.test"))
         await store.set_retry_state("a.test", None)
         self.assertIsNone(await store.get_retry_state("a.test"))
+
+    async def test_destination_statuses(self) -> None:
+        # the admin API's query (a marked section of the store)
+        store = await self.store()
+        self.assertEqual(await store.get_destination_statuses(), [])
+        await store.create_device(ALICE, "D1", None, 1000, ("b.test", "c.test"))
+        await store.create_device(ALICE, "D2", None, 1500, ("b.test",))
+        state = RetryState(failure_ts=1000, retry_last_ts=2000, retry_interval_ms=60000, attempts=2)
+        await store.set_retry_state("c.test", state)
+        await store.set_inflight_txn("d.test", "t1", {})
+        self.assertEqual(
+            await store.get_destination_statuses(),
+            [
+                DestinationStatus("b.test", 2, 1000, None, None),
+                DestinationStatus("c.test", 1, 1000, state, None),
+                DestinationStatus("d.test", 0, None, None, "t1"),
+            ],
+        )
+        self.assertEqual(
+            await store.get_destination_statuses("c.test"),
+            [DestinationStatus("c.test", 1, 1000, state, None)],
+        )
+        self.assertEqual(await store.get_destination_statuses("e.test"), [])
 
     async def test_enqueue_current_devices_for_a_new_destination(self) -> None:
         store = await self.store()
