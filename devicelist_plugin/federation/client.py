@@ -457,7 +457,8 @@ def _describe(e: BaseException) -> str:
 def _parse_json_object(raw: bytes, destination: str) -> JsonDict:
     try:
         parsed: Any = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        # RecursionError: a deeply nested body, hostile or broken
         raise InvalidResponseError(
             f"response is not JSON: {e}", destination=destination
         ) from None

@@ -188,18 +188,22 @@ class TransactionReceiver:
             twin: Deferred[JsonDict] = Deferred()
             twins.append(twin)
             return 200, await twin
-        stored = await self._store.get_received_txn(origin, txn_id)
-        if stored is not None:
-            self.stats[("transaction", "duplicate")] += 1
-            self.log.debug(
-                "Transaction {txn_id} from {origin} already processed", txn_id=txn_id, origin=origin
-            )
-            return 200, stored
-
+        # registered before the first await, so a copy arriving while the
+        # stored-answer lookup runs waits for this one instead of racing it
         waiting: list[Deferred[JsonDict]] = []
         self._in_flight[key] = waiting
         try:
-            response = await self._process(origin, txn_id, pdus, edus)
+            stored = await self._store.get_received_txn(origin, txn_id)
+            if stored is not None:
+                self.stats[("transaction", "duplicate")] += 1
+                self.log.debug(
+                    "Transaction {txn_id} from {origin} already processed",
+                    txn_id=txn_id,
+                    origin=origin,
+                )
+                response = stored
+            else:
+                response = await self._process(origin, txn_id, pdus, edus)
         except Exception:
             failure = Failure()
             for twin in waiting:

@@ -292,11 +292,14 @@ class _RetryHeap:
         self._due: dict[str, float] = {}
         self._heap: list[tuple[float, str]] = []
         self._call: Optional[IDelayedCall] = None
+        self._stopped = False
 
     def __contains__(self, key: str) -> bool:
         return key in self._due
 
     def schedule(self, key: str, at: float) -> None:
+        if self._stopped:
+            return  # work finishing after stop() schedules nothing
         self._due[key] = at
         heapq.heappush(self._heap, (at, key))
         self._arm()
@@ -304,7 +307,11 @@ class _RetryHeap:
     def discard(self, key: str) -> None:
         self._due.pop(key, None)
 
+    def start(self) -> None:
+        self._stopped = False
+
     def stop(self) -> None:
+        self._stopped = True
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
@@ -424,6 +431,7 @@ class RemoteDeviceListUpdater:
 
     async def _start(self) -> None:
         self._stopped = False
+        self._user_retries.start()
         for user_id in await self._store.list_remote_inbox_users():
             self._kick(user_id)
         now_ms = self._now_ms()
@@ -700,6 +708,8 @@ class RemoteDeviceListUpdater:
                         user_id=user_id,
                         delay=self.config.store_retry_delay,
                     )
+                    if self._stopped:
+                        return
                     if slot.retry_call is None or not slot.retry_call.active():
                         slot.retry_call = self._clock.callLater(
                             self.config.store_retry_delay, self._retry_after_error, user_id
@@ -809,10 +819,10 @@ class RemoteDeviceListUpdater:
             allow_hold=allow_hold,
             window=self._window,
         )
-        was_stale = sync is not None and sync.stale
-        mark = None
-        if decision.resync is not None and not was_stale:
-            mark = decision.resync.value
+        # Mark (again) even when already stale: the new generation keeps a
+        # snapshot fetched before these EDUs arrived -- possibly by another
+        # process -- from clearing the mark that now also stands for them.
+        mark = None if decision.resync is None else decision.resync.value
         processed = set(unusable)
         for d in decision.decisions:
             if d.action is not Action.HOLD:
@@ -862,7 +872,7 @@ class RemoteDeviceListUpdater:
         if slot.hold_call is not None and slot.hold_call.active():
             slot.hold_call.cancel()
         slot.hold_call = None
-        if not decision.held:
+        if not decision.held or self._stopped:
             return
         deadline = min(received[u.stream_id] for u in decision.held) + self.config.hold_grace
         delay = max(0.0, deadline - self._clock.seconds())
@@ -1021,8 +1031,15 @@ class RemoteDeviceListUpdater:
             except FederationClientError as e:
                 outcome, failure = await self._fetch_failed(user_id, destination, sync, e, started)
                 return
+            except Exception:
+                outcome, failure = await self._unexpected_failure(user_id, destination, sync)
+                return
             await self._tracker.record_success(destination)
-            snapshot = await self._validate(user_id, destination, body)
+            try:
+                snapshot = await self._validate(user_id, destination, body)
+            except Exception:
+                outcome, failure = await self._unexpected_failure(user_id, destination, sync)
+                return
             if isinstance(snapshot, ResyncFailure):
                 outcome, failure = _Outcome.USER_FAILED, snapshot
                 await self._user_failed(user_id, sync, snapshot.message)
@@ -1059,6 +1076,22 @@ class RemoteDeviceListUpdater:
             slot.fetch = None
             slot.signing_during_fetch = []
             self._release(user_id, outcome, failure)
+
+    async def _unexpected_failure(
+        self, user_id: str, destination: str, sync: RemoteSyncState
+    ) -> "tuple[_Outcome, ResyncFailure]":
+        """A resync failed in a way nothing anticipated (a bug, or an answer
+        that broke a parser): log it and back this user off like any other
+        user-specific failure, so it is retried on a schedule, never in a loop."""
+        self.log.failure(
+            "Resyncing {user_id} from {destination} failed unexpectedly",
+            user_id=user_id,
+            destination=destination,
+        )
+        self.stats["resync_unexpected_error"] += 1
+        failure = ResyncFailure(destination, 502, f"Resync of {user_id} failed unexpectedly")
+        await self._user_failed(user_id, sync, failure.message)
+        return _Outcome.USER_FAILED, failure
 
     async def _fetch(self, destination: str, user_id: str, slot: _UserSlot) -> JsonDict:
         path = user_devices_path(user_id)

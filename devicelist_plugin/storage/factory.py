@@ -36,7 +36,9 @@ def _setup_sqlite_connection(conn: sqlite3.Connection) -> None:
     # issues BEGIN itself, and these pragmas run outside any transaction.
     conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA journal_mode = WAL").fetchall()
-    conn.execute("PRAGMA synchronous = NORMAL")
+    # FULL: a commit (an EDU answered 200, an acknowledged send) survives a
+    # power loss too, not only a process crash
+    conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA foreign_keys = ON")
 
 

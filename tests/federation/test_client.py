@@ -1050,3 +1050,11 @@ class TLSPolicyTests(SynchronousTestCase):
         with self.assertRaises(TLSConfigError) as cm:
             FederationTLSPolicy.from_config(True, [self.ca_file(self.ca_cert), garbage])
         self.assertEqual(cm.exception.path, garbage)
+
+
+class NestedJsonTests(SynchronousTestCase):
+    def test_deeply_nested_body_is_an_invalid_response(self) -> None:
+        from devicelist_plugin.federation.client import InvalidResponseError, _parse_json_object
+
+        body = b"[" * 100_000 + b"]" * 100_000
+        self.assertRaises(InvalidResponseError, _parse_json_object, body, "s.test")

@@ -449,3 +449,105 @@ class HostApiTests(InboundCase):
         self.successResultOf(d)
         self.assertTrue(self.a.updater.is_resync_pending(U))
         self.assertFalse(self.a.updater.is_resync_pending(V))
+
+
+class StaleMarkAcrossProcessesTests(InboundCase):
+    """An EDU deferred while the user is already stale must keep the user
+    stale against a snapshot fetched before it arrived -- even one fetched by
+    another process on the same database."""
+
+    def test_edu_deferred_during_another_processes_fetch_is_not_lost(self) -> None:
+        from devicelist_plugin.replication.updater import _UserSlot
+
+        user_id = "@u:s.test"
+        self.a.track(user_id)
+        u = self.s.user("u")
+        self.deliver(self.s, [u.edu("D1")])  # first contact: resync, cached
+        self.s.gate = Deferred()  # S holds its /user/devices answers
+        u.last_sent = 999  # the next EDU names a prev_id A never saw
+        self.deliver(self.s, [u.edu("D2")])
+        self.clock.advance(3)  # the hold grace expires: stale, fetch starts (gated)
+        self.network.flush()
+        self.assertTrue(self.a.sync_state(user_id).stale)
+        snapshot_before_d3 = u.snapshot()
+        # another process on the same database takes an EDU for D3 while
+        # the user is stale and A's fetch is in flight
+        content = u.edu("D3")["content"]
+        self.successResultOf(
+            self.a.store.queue_remote_update(
+                user_id, content["stream_id"], content, self.a.updater._now_ms()
+            )
+        )
+        entries = self.successResultOf(self.a.store.get_remote_inbox(user_id))
+        self.successResultOf(
+            Deferred.fromCoroutine(
+                self.a.updater._process_batch(
+                    user_id, _UserSlot(), self.a.sync_state(user_id), entries
+                )
+            )
+        )
+        # A's fetch completes with the snapshot taken before D3 (once: S's
+        # later answers are current)
+        answers = [snapshot_before_d3]
+
+        def stale_once(uid: str, body: Any) -> Any:
+            return answers.pop() if answers else body
+
+        self.s.answer_override = stale_once
+        fetches = len(self.network.requests(path_prefix="/_matrix/federation/v1/user/devices/"))
+        gate, self.s.gate = self.s.gate, None
+        gate.callback(None)
+        self.network.flush()
+        self.clock.advance(60)  # any retry scheduled for the newer mark
+        self.network.flush()
+        # the newer mark made A fetch again, and the fresh snapshot has D3
+        self.assertEqual(
+            len(self.network.requests(path_prefix="/_matrix/federation/v1/user/devices/")),
+            fetches + 1,
+        )
+        self.assertIn("D3", self.a.cached_devices(user_id))
+        self.assertFalse(self.a.sync_state(user_id).stale)
+
+
+class UnexpectedResyncErrorTests(InboundCase):
+    """A resync that fails in an unanticipated way backs the user off; it is
+    never retried in a tight loop."""
+
+    def test_unexpected_error_backs_off_per_user(self) -> None:
+        user_id = "@u:s.test"
+        self.a.track(user_id)
+        u = self.s.user("u")
+        calls: list[str] = []
+        real_get_json = self.a.updater._client.get_json
+
+        def broken(destination: str, path: str, *args: Any, **kwargs: Any) -> Any:
+            if "/user/devices/" not in path:
+                return real_get_json(destination, path, *args, **kwargs)
+            calls.append(path)
+            raise RecursionError("maximum recursion depth exceeded while decoding")
+
+        self.a.updater._client.get_json = broken
+        self.deliver(self.s, [u.edu("D1")])  # first contact: the resync fails
+        for _ in range(36):
+            self.clock.advance(10)  # six simulated minutes of timers
+            self.network.flush()
+        self.flushLoggedErrors(RecursionError)
+        # the first attempt, then at most one retry after the 5-minute user backoff
+        self.assertIn(len(calls), (1, 2))
+        self.assertTrue(self.a.sync_state(user_id).stale)
+
+
+class StopWhileWorkingTests(InboundCase):
+    def test_a_store_error_during_stop_schedules_nothing(self) -> None:
+        user_id = "@u:s.test"
+        self.a.track(user_id)
+        u = self.s.user("u")
+        self.deliver(self.s, [u.edu("D1")])
+        gate: "Deferred[Any]" = Deferred()
+        self.a.store.apply_remote_batch = lambda *args: gate  # type: ignore[method-assign]
+        self.s.send([u.edu("D1", name="renamed")], txn_id="late")
+        self.network.flush()
+        self.a.inbound.stop()
+        gate.errback(RuntimeError("database closed"))  # the store closing under it
+        self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
