@@ -1115,8 +1115,14 @@ class RemoteDeviceListUpdater:
     ) -> tuple[_Outcome, ResyncFailure]:
         if isinstance(e, HttpResponseError):
             failure = ResyncFailure(destination, e.code, f"{destination} answered {e.code}")
-            server_wide = e.code >= 500 or e.code == 429 or (
-                e.code in (404, 405) and e.errcode == M_UNRECOGNIZED
+            # 401/403: the server refused *us* (it could not check our key,
+            # or it blocks our server), 408: a timeout -- none of them is about
+            # this user, so the server backs off (and is woken when it
+            # contacts us) instead of the user sitting out a long user backoff
+            server_wide = (
+                e.code >= 500
+                or e.code in (401, 403, 408, 429)
+                or (e.code in (404, 405) and e.errcode == M_UNRECOGNIZED)
             )
             if not server_wide:
                 await self._tracker.record_success(destination)

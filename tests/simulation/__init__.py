@@ -1,0 +1,1 @@
+"""Deterministic multi-server simulations (one simulated clock, no sockets)."""
