@@ -89,7 +89,7 @@ import heapq
 import inspect
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Callable, Mapping, Optional, Protocol
 from urllib.parse import quote
 
@@ -1050,11 +1050,17 @@ class RemoteDeviceListUpdater:
                 slot.again = True  # the next pass drops the user
                 return
             before = await self._store.get_remote_cache(user_id) if self._listeners else None
+            # cross-signing keys that arrived during the fetch may be newer
+            # than the snapshot's: they go into the same transaction
+            for keys in slot.signing_during_fetch:
+                snapshot = replace(
+                    snapshot,
+                    master_key=keys.get(USAGE_MASTER, snapshot.master_key),
+                    self_signing_key=keys.get(USAGE_SELF_SIGNING, snapshot.self_signing_key),
+                )
             cleared = await self._store.replace_remote_snapshot(
                 user_id, snapshot, generation, self._now_ms()
             )
-            for keys in slot.signing_during_fetch:
-                await self._store.set_remote_cross_signing_keys(user_id, keys)
             outcome, failure = _Outcome.DONE, None
             self.stats["resync_done"] += 1
             self.log.info(
