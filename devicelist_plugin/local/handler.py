@@ -330,6 +330,13 @@ class LocalDeviceHandler:
         servers = await self._membership.servers_sharing_room(user_id)
         return frozenset(servers) - {self.server_name}
 
+    async def _cover_new_destinations(self, user_id: str, used: frozenset[str]) -> None:
+        """After a change committed for the destinations in ``used``: a server
+        that came to share a room meanwhile may have been sent the devices as
+        they were before the change, so queue the current ones for it too."""
+        for destination in sorted(await self._destinations(user_id) - used):
+            await self._store.enqueue_current_devices(destination, user_id, self._now_ms())
+
     def _notify(self, user_id: str, stream_id: int, device_ids: tuple[str, ...]) -> None:
         for listener in list(self._listeners):
             try:
@@ -409,6 +416,7 @@ class LocalDeviceHandler:
             ) from None
         except UnknownDeviceError as e:
             raise _unknown_device(e) from None
+        await self._cover_new_destinations(user_id, destinations)
         self._notify(user_id, stream_id, (device_id,))
         return stream_id
 
@@ -495,6 +503,7 @@ class LocalDeviceHandler:
             )
         except UnknownDeviceError as e:
             raise _unknown_device(e) from None
+        await self._cover_new_destinations(user_id, destinations)
         self._notify(user_id, stream_id, (device_id,))
         return stream_id
 
@@ -649,6 +658,7 @@ class LocalDeviceHandler:
         stream_id = await self._store.set_cross_signing_keys(
             user_id, changed, self._now_ms(), destinations
         )
+        await self._cover_new_destinations(user_id, destinations)
         self._notify(user_id, stream_id, ())
         return stream_id
 
@@ -715,6 +725,7 @@ class LocalDeviceHandler:
                 self._now_ms(),
                 destinations,
             )
+            await self._cover_new_destinations(user_id, destinations)
             self._notify_changes(user_id, changes)
         return {"failures": result.failures}
 

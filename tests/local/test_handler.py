@@ -753,3 +753,24 @@ class AnswerCacheTests(HandlerCase):
         self.assertEqual(cache.get("@a:x", False), (1, b"aaaa"))
         cache.put("@d:x", False, 1, b"d" * 11)  # bigger than the whole cache
         self.assertIsNone(cache.get("@d:x", False))
+
+
+class JoinDuringChangeTests(HandlerCase):
+    """A server that comes to share a room while a change is being written
+    is queued the user's current devices, the change included."""
+
+    def test_server_joining_mid_change_gets_the_change(self) -> None:
+        self.successResultOf(self.handler.create_device(ALICE, "D1", "phone"))
+        real_rename = self.store.rename_device
+
+        def rename_while_t_joins(*args: Any) -> Any:
+            # the write reads its destinations first; t.example joins before it commits
+            share_room(self.membership, ALICE, "t.example")
+            return real_rename(*args)
+
+        self.store.rename_device = rename_while_t_joins  # type: ignore[method-assign, assignment]
+        stream_id = self.successResultOf(self.handler.rename_device(ALICE, "D1", "tablet"))
+        pending = self.successResultOf(self.store.get_pending("t.example", 10))
+        self.assertEqual(
+            [(p.user_id, p.device_id, p.stream_id) for p in pending], [(ALICE, "D1", stream_id)]
+        )
