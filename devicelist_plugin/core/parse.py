@@ -457,17 +457,7 @@ def parse_device_list_update(content: object, path: str = "content") -> DeviceLi
         _optional(c, "device_display_name"), _field(path, "device_display_name")
     )
 
-    raw_keys = _optional(c, "keys")
-    keys = (
-        None
-        if raw_keys is None
-        else parse_device_keys(
-            raw_keys,
-            _field(path, "keys"),
-            expected_user_id=user_id,
-            expected_device_id=device_id,
-        )
-    )
+    keys = _optional_device_keys(c, path, user_id, device_id)
     return DeviceListUpdate(
         user_id=user_id,
         device_id=device_id,
@@ -568,20 +558,26 @@ def parse_user_devices_response(
     )
 
 
+def _optional_device_keys(
+    obj: JsonDict, path: str, user_id: str, device_id: str
+) -> Optional[DeviceKeys]:
+    """The optional ``keys`` of a device entry (missing or null: None); they
+    must name the entry's user and device."""
+    raw_keys = _optional(obj, "keys")
+    if raw_keys is None:
+        return None
+    return parse_device_keys(
+        raw_keys,
+        _field(path, "keys"),
+        expected_user_id=user_id,
+        expected_device_id=device_id,
+    )
+
+
 def _parse_remote_device(item: object, path: str, user_id: str) -> RemoteDevice:
     d = _expect_object(item, path)
     device_id = _device_id(_required(d, "device_id", path), _field(path, "device_id"))
-    raw_keys = _optional(d, "keys")
-    keys = (
-        None
-        if raw_keys is None
-        else parse_device_keys(
-            raw_keys,
-            _field(path, "keys"),
-            expected_user_id=user_id,
-            expected_device_id=device_id,
-        )
-    )
+    keys = _optional_device_keys(d, path, user_id, device_id)
     display_name = _display_name(
         _optional(d, "device_display_name"), _field(path, "device_display_name")
     )

@@ -496,16 +496,11 @@ class LocalDeviceHandler:
             raise _unknown_device(UnknownDeviceError(user_id, device_id))
         if device.keys_json == raw:
             return None
-        destinations = await self._destinations(user_id)
-        try:
-            stream_id = await self._store.set_device_keys(
-                user_id, device_id, raw, self._now_ms(), destinations
-            )
-        except UnknownDeviceError as e:
-            raise _unknown_device(e) from None
-        await self._cover_new_destinations(user_id, destinations)
-        self._notify(user_id, stream_id, (device_id,))
-        return stream_id
+        return await self._change_device(
+            user_id,
+            device_id,
+            lambda now, dests: self._store.set_device_keys(user_id, device_id, raw, now, dests),
+        )
 
     def upload_one_time_keys(
         self, user_id: str, device_id: str, keys: object
