@@ -54,15 +54,21 @@ look-up while a fetch of that server is in flight waits for it instead of
 starting another.  A look-up joining after the notaries were asked may not
 have its key id asked of them; it then answers ``None``.
 
-*Negative cache.* After any fetch of a server, look-ups that miss the cache
-do not fetch that server again for ``failure_cache_ms`` (default
+*Negative cache.* After a successful fetch of a server, look-ups that miss
+the cache do not fetch that server again for ``failure_cache_ms`` (default
 :data:`DEFAULT_KEY_FETCH_FAILURE_CACHE_MS`, 60 s), counted from when the fetch
-ended: they answer ``None``.  A failed fetch (no source gave a valid answer)
-is also recorded in the store (``set_server_key_failure``) so that other
-processes sharing the database hold off too; a successful one clears it.  So
-a dead server is asked at most once a minute, and a request naming a random
-key id of a live server cannot make us fetch its keys more often than that.
-The first look-up at ``failed_ts + failure_cache_ms`` or later fetches again.
+ended: they answer ``None``.  So a request naming a random key id of a live
+server cannot make us fetch its keys more often than once a minute.
+
+A failed fetch (no source gave a valid answer) holds the server off for
+``failure_retry_ms`` (default :data:`DEFAULT_KEY_FETCH_RETRY_MS`, 2 s), doubled
+after each consecutive failure up to ``failure_cache_ms``.  A request signed by
+a server is evidence that it is up, and one lost packet must not make us
+refuse every request from a peer for a minute (a peer answered 401 backs off:
+Synapse's first retry is minutes away).  A dead server is still asked at most
+once a minute after its first few failures.  The failure is also recorded in
+the store (``set_server_key_failure``) so that other processes sharing the
+database hold off for ``failure_retry_ms`` too; a successful fetch clears it.
 """
 
 from __future__ import annotations
@@ -99,6 +105,10 @@ MAX_KEY_CACHE_LIFETIME_MS = 7 * 24 * 60 * 60 * 1000
 #: After a fetch of a server's keys, how long look-ups that miss the cache
 #: answer ``None`` instead of fetching again.
 DEFAULT_KEY_FETCH_FAILURE_CACHE_MS = 60 * 1000
+
+#: After a failed fetch of a server's keys, the first hold-off; doubled for
+#: each further consecutive failure, up to the failure cache period.
+DEFAULT_KEY_FETCH_RETRY_MS = 2 * 1000
 
 #: Seconds allowed for one key request (direct or to one notary).
 DEFAULT_KEY_FETCH_TIMEOUT = 10.0
@@ -363,7 +373,10 @@ class KeyRing:
     :param client: fetches keys (signed requests are fine).
     :param clock: the time validity and the negative cache are measured on.
     :param trusted_key_servers: the notaries, asked in order after the server itself.
-    :param failure_cache_ms: how long after a fetch a server is not fetched again.
+    :param failure_cache_ms: how long after a successful fetch a server is not
+        fetched again, and the longest hold-off after failed ones.
+    :param failure_retry_ms: the hold-off after a first failed fetch (doubled
+        per consecutive failure).
     :param fetch_timeout: seconds per key request.
     """
 
@@ -380,6 +393,7 @@ class KeyRing:
         old_verify_keys: Sequence[OldVerifyKey] = (),
         trusted_key_servers: Sequence[TrustedKeyServer] = (),
         failure_cache_ms: int = DEFAULT_KEY_FETCH_FAILURE_CACHE_MS,
+        failure_retry_ms: int = DEFAULT_KEY_FETCH_RETRY_MS,
         fetch_timeout: float = DEFAULT_KEY_FETCH_TIMEOUT,
     ) -> None:
         self._server_name = server_name
@@ -388,6 +402,7 @@ class KeyRing:
         self._clock = clock
         self._notaries = tuple(trusted_key_servers)
         self._failure_cache_ms = failure_cache_ms
+        self._failure_retry_ms = min(failure_retry_ms, failure_cache_ms)
         self._fetch_timeout = fetch_timeout
         self._local: dict[str, _CachedKey] = {}
         for old in old_verify_keys:
@@ -395,8 +410,10 @@ class KeyRing:
         for signing_key in signing_keys:
             self._local[key_id_of(signing_key)] = _CachedKey(get_verify_key(signing_key), _FOREVER)
         self._keys: dict[str, dict[str, _CachedKey]] = {}
-        # server name -> when its last fetch ended (ms)
-        self._attempts: dict[str, int] = {}
+        # server name -> (when its last fetch ended (ms), hold-off after it (ms))
+        self._attempts: dict[str, tuple[int, int]] = {}
+        # server name -> consecutive failed fetches
+        self._failures: dict[str, int] = {}
         self._inflight: dict[str, _Fetch] = {}
 
     def get_verify_key(
@@ -477,11 +494,11 @@ class KeyRing:
 
     async def _recently_fetched(self, server_name: str) -> bool:
         now_ms = self._now_ms()
-        last = self._attempts.get(server_name)
-        if last is not None and now_ms < last + self._failure_cache_ms:
+        attempt = self._attempts.get(server_name)
+        if attempt is not None and now_ms < attempt[0] + attempt[1]:
             return True
         failure = await self._store.get_server_key_failure(server_name)
-        if failure is not None and now_ms < failure.failed_ts + self._failure_cache_ms:
+        if failure is not None and now_ms < failure.failed_ts + self._failure_retry_ms:
             self.log.debug(
                 "Not fetching keys of {server}: failed at {failed_ts} ({error})",
                 server=server_name,
@@ -491,16 +508,28 @@ class KeyRing:
             return True
         return False
 
+    def _hold_off_ms(self, server_name: str, failed: bool) -> int:
+        """The hold-off after a fetch of ``server_name`` that just ended."""
+        if not failed:
+            self._failures.pop(server_name, None)
+            return self._failure_cache_ms
+        n = self._failures.get(server_name, 0) + 1
+        hold_off = self._failure_retry_ms * 2 ** min(n - 1, 30)
+        if hold_off < self._failure_cache_ms:
+            self._failures[server_name] = n
+        return min(hold_off, self._failure_cache_ms)
+
     async def _run_fetch(self, server_name: str, fetch: _Fetch) -> None:
+        failed = True
         try:
-            await self._fetch(server_name, fetch)
+            failed = not await self._fetch(server_name, fetch)
         except Exception:
             self.log.failure("Unexpected error fetching the keys of {server}", server=server_name)
         finally:
             now_ms = self._now_ms()
-            self._attempts[server_name] = now_ms
-            for name, ended in list(self._attempts.items()):
-                if now_ms >= ended + self._failure_cache_ms:
+            self._attempts[server_name] = (now_ms, self._hold_off_ms(server_name, failed))
+            for name, (ended, hold_off) in list(self._attempts.items()):
+                if now_ms >= ended + hold_off:
                     del self._attempts[name]
             if self._inflight.get(server_name) is fetch:
                 del self._inflight[server_name]
@@ -516,7 +545,8 @@ class KeyRing:
             if self._cached(server_name, kid, at_ms) is None
         }
 
-    async def _fetch(self, server_name: str, fetch: _Fetch) -> None:
+    async def _fetch(self, server_name: str, fetch: _Fetch) -> bool:
+        """Fetch and save the keys of ``server_name``; whether a source answered."""
         errors: list[str] = []
         answered = False
         try:
@@ -549,6 +579,7 @@ class KeyRing:
                 self.log.failure(
                     "Cannot record the key fetch failure of {server}", server=server_name
                 )
+        return answered
 
     def _fetch_failed(self, source: str, server_name: str, e: Exception) -> str:
         if isinstance(e, (FederationClientError, KeyResponseError)):

@@ -17,7 +17,7 @@ from devicelist_plugin.core.models import JsonDict
 from devicelist_plugin.federation.client import FederationClient
 from devicelist_plugin.federation.key_server import KEY_SERVER_PATH, KeyServer
 from devicelist_plugin.federation.keyring import (
-    DEFAULT_KEY_FETCH_FAILURE_CACHE_MS,
+    DEFAULT_KEY_FETCH_RETRY_MS,
     KEY_QUERY_PATH,
     MAX_KEY_CACHE_LIFETIME_MS,
     KeyResponseError,
@@ -301,7 +301,7 @@ class SharingAndFailureTests(KeyRingTestCase):
         self.assertEqual(b64_of(self.successResultOf(d2)), b64(self.a_key))
         self.assertEqual(self.key_requests(), 1)
 
-    def test_failure_cached_then_retried(self) -> None:
+    def test_failure_held_off_then_retried(self) -> None:
         # a.test is not on the network yet: connection refused
         self.assertIsNone(self.lookup())
         self.assertEqual(self.key_requests(), 1)
@@ -311,24 +311,46 @@ class SharingAndFailureTests(KeyRingTestCase):
         self.assertIn("ConnectionRefusedError", failure.error)
 
         self.serve_a()
-        self.clock.advance(59)  # within the 60 s negative cache
+        self.clock.advance(1.5)  # within the 2 s hold-off after a first failure
         self.assertIsNone(self.lookup(at_ms=self.now_ms()))
         # another process on the same store holds off too
         self.assertIsNone(self.lookup(at_ms=self.now_ms(), ring=self.make_ring()))
         self.assertEqual(self.key_requests(), 1)
-        self.clock.advance(0.5)  # NOW + 59.5 s: still cached
-        self.assertIsNone(self.lookup(at_ms=self.now_ms()))
-        self.assertEqual(self.key_requests(), 1)
-        self.clock.advance(0.5)  # NOW + 60 s = failed_ts + 60 s: retried
-        self.assertEqual(self.now_ms(), NOW_MS + DEFAULT_KEY_FETCH_FAILURE_CACHE_MS)
+        self.clock.advance(0.5)  # NOW + 2 s = failed_ts + 2 s: retried
+        self.assertEqual(self.now_ms(), NOW_MS + DEFAULT_KEY_FETCH_RETRY_MS)
         self.assertEqual(b64_of(self.lookup(at_ms=self.now_ms())), b64(self.a_key))
         self.assertEqual(self.key_requests(), 2)
         self.assertIsNone(self.successResultOf(self.store.get_server_key_failure(A)))
 
+    def test_consecutive_failures_double_the_hold_off_up_to_a_minute(self) -> None:
+        retries = []
+        self.assertIsNone(self.lookup(at_ms=self.now_ms()))
+        self.assertEqual(self.key_requests(), 1)
+        for _ in range(8):
+            before, waited = self.key_requests(), 0
+            while self.key_requests() == before:
+                self.clock.advance(1)
+                waited += 1
+                self.assertIsNone(self.lookup(at_ms=self.now_ms()))
+            self.assertEqual(self.key_requests(), before + 1)
+            retries.append(waited)
+        self.assertEqual(retries, [2, 4, 8, 16, 32, 60, 60, 60])
+        # a success resets the escalation, and holds cache misses off a minute
+        self.serve_a()
+        self.clock.advance(60)
+        self.assertEqual(b64_of(self.lookup(at_ms=self.now_ms())), b64(self.a_key))
+        self.network.remove_server(A)
+        self.clock.advance(60)
+        before = self.key_requests()
+        self.assertIsNone(self.lookup(A, "ed25519:other", self.now_ms()))
+        self.clock.advance(2)
+        self.assertIsNone(self.lookup(A, "ed25519:other", self.now_ms()))
+        self.assertEqual(self.key_requests(), before + 2)
+
     def test_timeout_counts_from_the_end_of_the_fetch(self) -> None:
         self.serve_a()
         self.faults.inject(FaultKind.BLACKHOLE, destination=A)
-        ring = self.make_ring(fetch_timeout=10.0, failure_cache_ms=30_000)
+        ring = self.make_ring(fetch_timeout=10.0, failure_retry_ms=30_000)
         d = ring.get_verify_key(A, A_KEY_ID, NOW_MS)
         self.network.flush()
         self.assertNoResult(d)
