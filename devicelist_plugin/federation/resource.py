@@ -212,7 +212,9 @@ def parse_json_object(body: bytes) -> JsonDict:
     """A request body as a JSON object; 400 ``M_NOT_JSON`` otherwise."""
     try:
         value = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        # RecursionError: nesting deeper than the parser's stack (a few
+        # hundred bytes of "[[[..." is enough)
         raise MatrixError(400, M_NOT_JSON, "Content not JSON.") from None
     if not isinstance(value, dict):
         raise MatrixError(400, M_NOT_JSON, "Content must be a JSON object.")
