@@ -212,6 +212,41 @@ class FakeNetworkTests(SynchronousTestCase):
         self.failureResultOf(d, ResponseNeverReceived)
         self.assertEqual(self.network.open_connections(), 0)
 
+    def test_crash_of_destination_is_silent_on_its_side(self) -> None:
+        process = Clock()
+        process.advance(self.clock.seconds())
+        slow = _Slow(process)
+        self.network.add_server("d.test", slow, reactor=process)
+        d = self.http.get("https://d.test/")
+        self.network.flush()
+        self.assertEqual(len(slow.received), 1)
+        self.network.crash_server("d.test")
+        # the client loses the connection; the dead server hears nothing
+        failure = self.failureResultOf(d, ResponseNeverReceived)
+        self.assertTrue(failure.value.reasons[0].check(ConnectionLost))
+        # its timers run on its own clock, which its owner stops with it
+        self.assertNotEqual(process.getDelayedCalls(), [])
+        self.assertEqual(slow.answered, [])
+        self.failureResultOf(self.http.get("https://d.test/"), ConnectionRefusedError)
+        self.assertEqual((self.network.open_connections(), self.clock.getDelayedCalls()), (0, []))
+
+    def test_crash_of_origin_drops_its_requests_silently(self) -> None:
+        process = Clock()
+        agent = self.network.agent_for("d.test", reactor=process)
+        d = HTTPClient(agent).get("https://c.test/")
+        self.network.flush()
+        self.network.crash_server("d.test")
+        self.network.advance(5)  # _Slow answers a request whose client is gone
+        self.assertNoResult(d)  # nothing runs in the dead process
+        self.assertEqual(self.slow.answered, [])
+        self.assertEqual(self.network.open_connections(), 0)
+        # the dead incarnation's agent never answers; a new one works
+        logged = len(self.network.log)
+        self.assertNoResult(HTTPClient(agent).get("https://b.test/echo"))
+        self.assertEqual(len(self.network.log), logged)
+        fresh = HTTPClient(self.network.agent_for("d.test"))
+        self.assertEqual(self.answer(fresh.get("https://b.test/echo"))[0], 200)
+
     def test_site_is_used_as_is(self) -> None:
         seen: list[Request] = []
 
@@ -375,6 +410,33 @@ class FaultTests(SynchronousTestCase):
         self.assertEqual(self.network.log[0].status, 201)
         self.assertEqual(self.network.open_connections(), 0)
 
+    def put_with_timeout(self, seconds: float) -> Deferred[_Response]:
+        # treq types reactor= as its own _ITreqReactor, which no Clock declares.
+        timeout: dict[str, Any] = {"timeout": seconds, "reactor": self.clock}
+        return self.clients["a.test"].put("https://b.test/txn/1", json={"n": 1}, **timeout)
+
+    def test_slow_response_past_client_timeout(self) -> None:
+        self.faults.inject(FaultKind.SLOW_RESPONSE, delay=30)
+        d = self.put_with_timeout(10)
+        self.network.flush()
+        # the server did the work at once; its answer is on its way
+        self.assertEqual(self.echo.calls, [(b"PUT", {"n": 1})])
+        self.network.advance(10)  # treq's 10 s timeout fires before the answer
+        self.assertTimedOut(d)
+        record = self.network.log[0]
+        self.assertEqual((record.status, record.abandoned, record.fault), (201, True, "slow_response"))
+        self.assertEqual((self.network.open_connections(), self.clock.getDelayedCalls()), (0, []))
+
+    def test_slow_response_within_client_timeout(self) -> None:
+        self.faults.inject(FaultKind.SLOW_RESPONSE, delay=3)
+        d = self.put_with_timeout(10)
+        self.network.advance(2.9)
+        self.assertNoResult(d)
+        self.network.advance(0.1)
+        self.assertEqual(self.successResultOf(d).code, 201)
+        self.assertFalse(self.network.log[0].abandoned)
+        self.assertEqual((self.network.open_connections(), self.clock.getDelayedCalls()), (0, []))
+
     def test_scripted_filters(self) -> None:
         self.faults.inject(FaultKind.REFUSE, origin="b.test", times=2)
         self.assertReachable("a.test", "b.test")
@@ -395,6 +457,8 @@ class FaultTests(SynchronousTestCase):
         self.assertRaises(ValueError, FaultPlan, refuse=0.6, delay=0.6)
         self.assertRaises(ValueError, FaultPlan, duplicate=-0.1)
         self.assertRaises(ValueError, FaultPlan, delay_range=(5, 1))
+        self.assertRaises(ValueError, FaultPlan, slow_response_range=(-1, 1))
+        self.assertRaises(ValueError, self.faults.inject, FaultKind.SLOW_RESPONSE)
         self.assertRaises(ValueError, self.faults.inject, FaultKind.PARTITION)
         self.assertRaises(ValueError, self.faults.inject, FaultKind.DELAY)
         self.assertRaises(ValueError, self.faults.partition, {"a.test"})
@@ -411,6 +475,8 @@ def _random_run(seed: int) -> tuple[list[tuple[str, str | None, int]], dict[str,
         duplicate=0.1,
         delay=0.1,
         delay_range=(1, 4),
+        slow_response=0.1,
+        slow_response_range=(2, 8),
     )
     network = FakeNetwork(clock, plan)
     echo = _Echo()
@@ -421,7 +487,7 @@ def _random_run(seed: int) -> tuple[list[tuple[str, str | None, int]], dict[str,
     for i in range(60):
         d = http.put(f"https://b.test/txn/{i}", json={"i": i}, **timeout)
         d.addErrback(lambda f: None)
-        network.advance(5)  # every delay (<= 4 s) and the 5 s client timeout
+        network.advance(8)  # every delay and slow response (<= 8 s), the 5 s timeout
     events = [(r.path, r.fault, r.deliveries) for r in network.log]
     assert len(echo.calls) == sum(r.deliveries for r in network.log)
     return events, dict(plan.counters)
@@ -432,7 +498,8 @@ class SeedTests(SynchronousTestCase):
         events, counters = _random_run(7)
         self.assertEqual(_random_run(7), (events, counters))
         self.assertEqual(
-            set(counters), {"refuse", "blackhole", "lose_response", "duplicate", "delay"}
+            set(counters),
+            {"refuse", "blackhole", "lose_response", "duplicate", "delay", "slow_response"},
         )
         self.assertEqual(sum(counters.values()), sum(1 for e in events if e[1]))
 

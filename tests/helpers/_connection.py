@@ -82,6 +82,9 @@ class Connection:
         self._sent: list[bytes] = []
         self._head = b""
         self._release: IDelayedCall | None = None
+        #: a slow response: the timer releasing it, and whether it was
+        self._hold: IDelayedCall | None = None
+        self._response_released = self._kind is not FaultKind.SLOW_RESPONSE
 
     @property
     def done(self) -> bool:
@@ -89,6 +92,7 @@ class Connection:
             self.client is not None
             and self.client.disconnected
             and self._release is None
+            and self._hold is None
             and all(t is None or t.disconnected for t in (self.server, self.shadow))
         )
 
@@ -134,7 +138,14 @@ class Connection:
                 self._sent.append(data)
                 server.bufferReceived(data)
                 moved = True
-            out = server.getOutBuffer()
+            if not self._response_released:
+                if server.stream and self._hold is None:
+                    # the server answered; its answer travels slowly
+                    self._note_status(b"".join(server.stream))
+                    self._hold = self._clock.callLater(self._delay, self._release_response)
+                out = b""
+            else:
+                out = server.getOutBuffer()
             if out:
                 self._note_status(out)
                 if self._kind is not FaultKind.LOSE_RESPONSE and not client.disconnected:
@@ -147,10 +158,19 @@ class Connection:
                 transport._checkProducer()
         return moved or self._pump_close()
 
+    def _release_response(self) -> None:
+        self._hold = None
+        self._response_released = True
+
     def _pump_close(self) -> bool:
         client, server, shadow = self.client, self.server, self.shadow
         assert client is not None
-        if server is not None and server.disconnecting and not server.disconnected:
+        if (
+            server is not None
+            and server.disconnecting
+            and not server.disconnected
+            and self._response_released
+        ):
             clean = not server.aborted
             _lose(server, ConnectionDone() if clean else ConnectionAborted())
             if clean and self._kind is FaultKind.DUPLICATE and self.record.status is not None:
@@ -163,9 +183,8 @@ class Connection:
         if client.disconnecting and not client.disconnected:
             # The client closed, or aborted (e.g. treq's timeout cancelled it).
             _lose(client, ConnectionAborted() if client.aborted else ConnectionDone())
-            if self._release is not None:
-                self._release.cancel()
-                self._release = None
+            self.record.abandoned = client.aborted
+            self._cancel_timers()
             if server is not None:
                 _lose(server, ConnectionLost() if client.aborted else ConnectionDone())
             return True
@@ -188,12 +207,37 @@ class Connection:
 
     def abort(self) -> None:
         """Lose every side of the connection (the server went away)."""
-        if self._release is not None:
-            self._release.cancel()
-            self._release = None
+        self._cancel_timers()
         for transport in (self.server, self.shadow, self.client):
             if transport is not None:
                 _lose(transport, ConnectionLost("server removed from the fake network"))
+
+    def sever(self, crashed: str) -> None:
+        """
+        The process of C{crashed} died: its side of the connection vanishes
+        without a word (nothing runs in a dead process); the other side loses
+        the connection.
+        """
+        self._cancel_timers()
+        sides = (
+            (self.client, self.record.origin == crashed),
+            (self.server, self.record.destination == crashed),
+            (self.shadow, self.record.destination == crashed),
+        )
+        for transport, dead in sides:
+            if transport is None:
+                continue
+            if dead:
+                transport.disconnecting = transport.disconnected = True
+                transport.stream = []
+            else:
+                _lose(transport, ConnectionLost(f"{crashed} crashed"))
+
+    def _cancel_timers(self) -> None:
+        for call in (self._release, self._hold):
+            if call is not None and call.active():
+                call.cancel()
+        self._release = self._hold = None
 
 
 def _lose(transport: _Transport, reason: Exception) -> None:

@@ -30,6 +30,10 @@ What each fault does to a request (see L{FaultKind}):
    the client sees only the first answer.
  - C{delay}: the request bytes reach the server C{delay} simulated seconds
    later (advance the clock, then flush the network).
+ - C{slow_response}: the server processes the request at once, but its
+   response reaches the client C{delay} simulated seconds later; a client
+   whose timeout is shorter gives up while the server has already done the
+   work (the classic duplicate delivery once the client retries).
 
 Every fault returned is counted in L{FaultPlan.counters}, keyed by
 C{FaultKind.value}.
@@ -50,6 +54,7 @@ class FaultKind(enum.Enum):
     LOSE_RESPONSE = "lose_response"
     DUPLICATE = "duplicate"
     DELAY = "delay"
+    SLOW_RESPONSE = "slow_response"
     # Structural faults, set with partition() / take_down(), never drawn.
     PARTITION = "partition"
     DOWN = "down"
@@ -65,13 +70,17 @@ _RANDOM_KINDS = (
     FaultKind.LOSE_RESPONSE,
     FaultKind.DUPLICATE,
     FaultKind.DELAY,
+    FaultKind.SLOW_RESPONSE,
 )
+
+#: The random kinds that take a duration drawn from a range.
+_TIMED = frozenset({FaultKind.DELAY, FaultKind.SLOW_RESPONSE})
 
 
 @dataclass(frozen=True)
 class Fault:
     kind: FaultKind
-    #: Simulated seconds, for L{FaultKind.DELAY} only.
+    #: Simulated seconds, for L{FaultKind.DELAY} and L{FaultKind.SLOW_RESPONSE}.
     delay: float = 0.0
 
 
@@ -111,6 +120,8 @@ class FaultPlan:
         duplicate: float = 0.0,
         delay: float = 0.0,
         delay_range: tuple[float, float] = (1.0, 10.0),
+        slow_response: float = 0.0,
+        slow_response_range: tuple[float, float] = (1.0, 10.0),
     ) -> None:
         self.probabilities: dict[FaultKind, float] = {
             FaultKind.REFUSE: refuse,
@@ -118,17 +129,24 @@ class FaultPlan:
             FaultKind.LOSE_RESPONSE: lose_response,
             FaultKind.DUPLICATE: duplicate,
             FaultKind.DELAY: delay,
+            FaultKind.SLOW_RESPONSE: slow_response,
         }
         if any(p < 0 for p in self.probabilities.values()):
             raise ValueError("fault probabilities must be >= 0")
         if sum(self.probabilities.values()) > 1.0:
             raise ValueError("fault probabilities must add up to at most 1")
-        low, high = delay_range
-        if not 0 <= low <= high:
-            raise ValueError(f"bad delay_range {delay_range!r}")
+        for name, (low, high) in (
+            ("delay_range", delay_range),
+            ("slow_response_range", slow_response_range),
+        ):
+            if not 0 <= low <= high:
+                raise ValueError(f"bad {name} {(low, high)!r}")
         self.seed = seed
         self.rng = random.Random(seed)
-        self.delay_range = delay_range
+        self.ranges: dict[FaultKind, tuple[float, float]] = {
+            FaultKind.DELAY: delay_range,
+            FaultKind.SLOW_RESPONSE: slow_response_range,
+        }
         self.random_enabled = True
         self.counters: Counter[str] = Counter()
         self._rules: list[_Rule] = []
@@ -188,8 +206,8 @@ class FaultPlan:
         """
         if kind in (FaultKind.PARTITION, FaultKind.DOWN):
             raise ValueError("use partition() / take_down() for structural faults")
-        if kind is FaultKind.DELAY and delay <= 0:
-            raise ValueError("a scripted delay needs delay > 0")
+        if kind in _TIMED and delay <= 0:
+            raise ValueError(f"a scripted {kind.value} needs delay > 0")
         self._rules.append(
             _Rule(Fault(kind, delay), origin, destination, path_prefix, times)
         )
@@ -229,9 +247,9 @@ class FaultPlan:
         for kind in _RANDOM_KINDS:
             roll -= self.probabilities[kind]
             if roll < 0:
-                if kind is not FaultKind.DELAY:
+                if kind not in _TIMED:
                     return Fault(kind)
-                low, high = self.delay_range
+                low, high = self.ranges[kind]
                 return Fault(kind, low + (high - low) * fraction)
         return None
 

@@ -26,6 +26,13 @@ L{FakeNetwork.advance} does both, stopping at every timer on the way.
 Timeouts are the client's: pass C{reactor=network.clock, timeout=...} to
 treq, or a blackholed request waits forever.
 
+L{FakeNetwork.crash_server} models a process crash: the crashed side of
+every connection vanishes silently (nothing runs in a dead process), the
+other side sees the connection lost, the crashed process's agents never
+answer again, and the name is refused until it is added again.  Give each
+process its own clock (C{add_server(..., reactor=)}, C{agent_for(...,
+reactor=)}) so that its HTTP timers can be cancelled with it.
+
 An unknown server name fails like a closed port:
 L{twisted.internet.error.ConnectionRefusedError}.  For faults see
 L{tests.helpers.faults}.  Every request, refused or not, is appended to
@@ -44,6 +51,7 @@ from dataclasses import dataclass
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 from twisted.web.client import URI, Agent, HTTPConnectionPool
 from twisted.web.error import SchemeNotSupported
@@ -82,6 +90,9 @@ class RequestRecord:
     status: int | None = None
     #: How many times a server received it (2 for a duplicate).
     deliveries: int = 0
+    #: The client gave up (aborted) before the response ended, e.g. its
+    #: timeout fired.
+    abandoned: bool = False
 
 
 class FakeNetwork:
@@ -99,25 +110,34 @@ class FakeNetwork:
         self.log: list[RequestRecord] = []
         self._sites: dict[str, Site] = {}
         self._connections: list[Connection] = []
+        self._agents: dict[str, list[_NetworkAgent]] = {}
 
     # -- servers ----------------------------------------------------------
 
-    def add_server(self, server_name: str, resource: IResource | Site) -> Site:
+    def add_server(
+        self,
+        server_name: str,
+        resource: IResource | Site,
+        *,
+        reactor: IReactorTime | None = None,
+    ) -> Site:
         """
         Serve C{resource} as C{server_name}.  A L{Site} is used as is (so a
         custom C{requestFactory} such as a size-limiting request applies); it
-        must have been built with C{reactor=network.clock}.
+        must have been built with C{reactor=network.clock}, or with the
+        C{reactor} given: a clock over the network's (the server process's
+        own, see L{crash_server}).
         """
         if server_name in self._sites:
             raise ValueError(f"{server_name!r} is already on the network")
+        clock: IReactorTime = reactor if reactor is not None else self.clock
         site: Site
         if isinstance(resource, Site):
             site = resource
-            if site.reactor is not self.clock:
+            if site.reactor is not clock:
                 raise ValueError("build the Site with reactor=network.clock")
         else:
-            site = Site(resource, reactor=self.clock)
-            clock = self.clock
+            site = Site(resource, reactor=clock)
 
             def sessions(site: Site, uid: bytes) -> Session:
                 return Session(site, uid, reactor=clock)
@@ -138,14 +158,36 @@ class FakeNetwork:
                 connection.abort()
         self._reap()
 
+    def crash_server(self, server_name: str) -> None:
+        """
+        The process serving C{server_name} died: it is taken off the network
+        (refused until added again); on every connection to or from it its
+        side vanishes without any callback while the other side loses the
+        connection (C{ConnectionLost}); requests in flight or delayed are
+        dropped in both directions; its agents never answer again (their
+        requests are neither logged nor delivered).
+        """
+        self._sites.pop(server_name, None)
+        for agent in self._agents.pop(server_name, []):
+            agent.dead = True
+        for connection in list(self._connections):
+            if server_name in (connection.record.origin, connection.record.destination):
+                connection.sever(server_name)
+        self._reap()
+
     def server_names(self) -> list[str]:
         return sorted(self._sites)
 
     # -- clients ----------------------------------------------------------
 
-    def agent_for(self, origin: str) -> IAgent:
-        """An L{IAgent} making requests as C{origin} (need not be a server)."""
-        return _NetworkAgent(self, origin)
+    def agent_for(self, origin: str, *, reactor: IReactorTime | None = None) -> IAgent:
+        """
+        An L{IAgent} making requests as C{origin} (need not be a server); its
+        HTTP machinery runs on C{reactor} (default: the network's clock).
+        """
+        agent = _NetworkAgent(self, origin, reactor if reactor is not None else self.clock)
+        self._agents.setdefault(origin, []).append(agent)
+        return agent
 
     def client_for(self, origin: str) -> HTTPClient:
         """C{treq.client.HTTPClient(self.agent_for(origin))}."""
@@ -235,6 +277,7 @@ class FakeNetwork:
     def _request(
         self,
         origin: str,
+        reactor: IReactorTime,
         method: bytes,
         uri: bytes,
         headers: Headers | None,
@@ -274,9 +317,9 @@ class FakeNetwork:
             on_connect=self._connections.append,
         )
         agent = Agent.usingEndpointFactory(
-            self.clock,
+            reactor,
             ConnectionEndpoint(connection),
-            pool=HTTPConnectionPool(self.clock, persistent=False),
+            pool=HTTPConnectionPool(reactor, persistent=False),
         )
         body = recorded_body(bodyProducer, record)
         return agent.request(method, uri, headers, body)
@@ -284,9 +327,12 @@ class FakeNetwork:
 
 @implementer(IAgent)
 class _NetworkAgent:
-    def __init__(self, network: FakeNetwork, origin: str) -> None:
+    def __init__(self, network: FakeNetwork, origin: str, reactor: IReactorTime) -> None:
         self._network = network
         self.origin = origin
+        self._reactor = reactor
+        #: the origin's process crashed: requests never leave, never end
+        self.dead = False
 
     def request(
         self,
@@ -295,6 +341,10 @@ class _NetworkAgent:
         headers: Headers | None = None,
         bodyProducer: IBodyProducer | None = None,
     ) -> Deferred[IResponse]:
-        return self._network._request(self.origin, method, uri, headers, bodyProducer)
+        if self.dead:
+            return Deferred()
+        return self._network._request(
+            self.origin, self._reactor, method, uri, headers, bodyProducer
+        )
 
 
