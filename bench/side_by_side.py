@@ -45,7 +45,9 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -103,6 +105,32 @@ def scenario_serve(target: Target, peer: FakeServer, args: argparse.Namespace) -
             out[f"{name}_c{c}"] = r.as_json()
     sender.close()
     return out
+
+
+class Profiler:
+    """``py-spy record`` of the target process while the block runs (when
+    ``directory`` is set): collapsed stacks in ``<directory>/<target>-<name>.txt``."""
+
+    def __init__(self, directory: Optional[str], target: Target, name: str) -> None:
+        self.path = (None if directory is None
+                     else os.path.join(directory, f"{target.label}-{name}.txt"))
+        self.pid = target.pid
+        self.process: Optional[subprocess.Popen[bytes]] = None
+
+    def __enter__(self) -> "Profiler":
+        if self.path is not None and self.pid is not None:
+            self.process = subprocess.Popen(
+                ["py-spy", "record", "--pid", str(self.pid), "--format", "raw", "--rate", "200",
+                 "--threads", "--output", self.path],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None:
+            os.kill(self.process.pid, signal.SIGINT)
+            self.process.wait(timeout=60)
 
 
 # -- inbound ----------------------------------------------------------------------
@@ -170,11 +198,12 @@ def scenario_inbound(target: Target, peer: FakeServer, args: argparse.Namespace)
     edus = [(u, step) for step in range(2, 2 + steps) for u in users]
     last = 1 + steps
     mem0, db0, fetches0 = rss_kb(target.pid), target.db_bytes(), peer.fetches()
-    t0 = time.monotonic()
-    _send_all(sender, peer, edus, 100, f"chain-{target.label}-")
-    sent_s = time.monotonic() - t0
-    wait_until(_shows(target, users, last), 1800, "the last EDU applied", interval=0.05)
-    elapsed = time.monotonic() - t0
+    with Profiler(args.profile, target, "inbound"):
+        t0 = time.monotonic()
+        _send_all(sender, peer, edus, 100, f"chain-{target.label}-")
+        sent_s = time.monotonic() - t0
+        wait_until(_shows(target, users, last), 1800, "the last EDU applied", interval=0.05)
+        elapsed = time.monotonic() - t0
     mem1, db1 = rss_kb(target.pid), target.db_bytes()
     sender.close()
     out = {
@@ -422,6 +451,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--big", type=int, default=10000)
     parser.add_argument("--big-repeat", type=int, default=6)
     parser.add_argument("--json", default="side_by_side.json")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="py-spy the servers during the inbound run, stacks into DIR")
     parser.add_argument("--keep", action="store_true", help="keep the servers' directories")
     args = parser.parse_args(argv)
     only = args.only or list(SCENARIOS)

@@ -13,6 +13,13 @@ SQLite: one connection (``cp_min = cp_max = 1``) so the process's writes are
 serialised; every write transaction starts with ``BEGIN IMMEDIATE`` so that
 another process sharing the file waits (``busy_timeout``) instead of failing
 half-way; reads use a deferred ``BEGIN`` and see a consistent WAL snapshot.
+Transactions that queue up while one runs are run together as one group
+commit: each function in its own ``SAVEPOINT`` (a function that raises is
+rolled back alone, as if it had run in its own transaction), one ``COMMIT``
+(one fsync) for the group.  Serial execution on one connection already
+orders them; grouping changes only how many commits they cost.  If the
+group itself fails (a busy database, a failed commit), each function runs
+again in its own transaction with the usual retries.
 
 PostgreSQL: a small pool.  Write transactions run at READ COMMITTED and take
 the row lock of the entity they change as their first statement (a local
@@ -37,6 +44,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, TypeVar
 
 from twisted.enterprise.adbapi import ConnectionPool
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.python.failure import Failure
 from twisted.logger import Logger
 
 from devicelist_plugin.storage.errors import UnsupportedDatabaseError
@@ -248,6 +256,26 @@ class PostgresDialect(Dialect):
         self._extras.execute_values(cursor, sql, rows, page_size=500)
 
 
+class _Job:
+    """A transaction waiting for its group commit."""
+
+    __slots__ = ("desc", "func", "readonly", "isolation", "deferred")
+
+    def __init__(
+        self,
+        desc: str,
+        func: Callable[[Txn], Any],
+        readonly: bool,
+        isolation: Optional[Isolation],
+        deferred: "Deferred[Any]",
+    ) -> None:
+        self.desc = desc
+        self.func = func
+        self.readonly = readonly
+        self.isolation = isolation
+        self.deferred = deferred
+
+
 class Database:
     """Runs functions of a :class:`Txn` as database transactions.
 
@@ -273,6 +301,11 @@ class Database:
         self.synchronous = synchronous
         self.max_attempts = max_attempts
         self._closed = False
+        # group commit: SQLite's single connection runs transactions one at
+        # a time, so those that queue meanwhile can share one commit
+        self._group_commit = dialect.name == "sqlite" and not synchronous
+        self._queued: list[_Job] = []
+        self._group_running = False
 
     def run(
         self,
@@ -297,10 +330,94 @@ class Database:
             except BaseException:
                 return fail()
             return succeed(result)
+        if self._group_commit:
+            job = _Job(desc, func, readonly, isolation, Deferred())
+            self._queued.append(job)
+            if not self._group_running:
+                self._start_group()
+            return job.deferred
         d: Deferred[T] = self.pool.runWithConnection(
             self._run_with_retries, desc, func, readonly, isolation
         )
         return d
+
+    def _start_group(self) -> None:
+        jobs, self._queued = self._queued, []
+        self._group_running = True
+        d: Deferred[list[tuple[bool, Any]]] = self.pool.runWithConnection(self._run_group, jobs)
+        d.addBoth(self._group_done, jobs)
+
+    def _group_done(self, outcome: object, jobs: "list[_Job]") -> None:
+        # fired on the reactor thread; new transactions that callbacks start
+        # queue up and form the next group
+        if isinstance(outcome, Failure):
+            for job in jobs:
+                job.deferred.errback(outcome)
+        else:
+            assert isinstance(outcome, list)
+            for job, (ok, value) in zip(jobs, outcome):
+                if ok:
+                    job.deferred.callback(value)
+                else:
+                    job.deferred.errback(value)
+        self._group_running = False
+        if self._queued:
+            if self._closed:
+                queued, self._queued = self._queued, []
+                for job in queued:
+                    job.deferred.errback(RuntimeError(f"{job.desc}: the database has been closed"))
+            else:
+                self._start_group()
+
+    def _run_group(self, conn: Any, jobs: "list[_Job]") -> list[tuple[bool, Any]]:
+        """Run ``jobs`` (in the pool's thread) as one group commit:
+        ``(True, result)`` or ``(False, Failure)`` each."""
+        if len(jobs) > 1:
+            try:
+                return self._try_group(conn, jobs)
+            except Exception as e:
+                try:
+                    conn.rollback()
+                except Exception:
+                    pass
+                self.log.debug(
+                    "Group of {count} transactions failed ({error}); running them one by one",
+                    count=len(jobs),
+                    error=e,
+                )
+        results: list[tuple[bool, Any]] = []
+        for job in jobs:
+            try:
+                results.append((True, self._run_with_retries(
+                    conn, job.desc, job.func, job.readonly, job.isolation)))
+            except Exception:
+                results.append((False, Failure()))
+        return results
+
+    def _try_group(self, conn: Any, jobs: "list[_Job]") -> list[tuple[bool, Any]]:
+        cursor = conn.cursor()
+        results: list[tuple[bool, Any]] = []
+        try:
+            self.dialect.begin(
+                cursor, readonly=all(job.readonly for job in jobs), isolation=None
+            )
+            for i, job in enumerate(jobs):
+                cursor.execute(f"SAVEPOINT group_{i}")
+                try:
+                    value = job.func(Txn(cursor, self.dialect))
+                except Exception as e:
+                    if self.dialect.is_retryable(e):
+                        raise
+                    cursor.execute(f"ROLLBACK TO group_{i}")
+                    cursor.execute(f"RELEASE group_{i}")
+                    results.append((False, Failure()))
+                    continue
+                cursor.execute(f"RELEASE group_{i}")
+                results.append((True, value))
+        finally:
+            cursor.close()
+        conn.commit()
+        return results
 
     def _run_with_retries(
         self,
