@@ -11,7 +11,7 @@ TRIAL_ARGS ?= tests
 
 SOURCES := setup.cfg pyproject.toml $(shell find devicelist_plugin twisted -name '*.py' -o -name '*.sql')
 
-.PHONY: run test typecheck clean
+.PHONY: run test interop typecheck clean
 
 $(VENV)/.installed: $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	PYTHONPATH=. $(BIN)/trial $(TRIAL_ARGS)
+
+# Our server next to a real Synapse (scenarios in interop/); Synapse is
+# installed on first use into its own cached virtualenv outside the repository
+# (${XDG_CACHE_HOME:-~/.cache}/devicelist-plugin/, or $DEVICELIST_SYNAPSE_VENV).
+interop: $(VENV)/.installed
+	PYTHONPATH=. $(BIN)/trial interop
 
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
