@@ -106,14 +106,15 @@ class ServerProcess:
         self.port = free_port()
         self.client_port = free_port()
         self.server_name = f"localhost:{self.port}"
-        self.dir = tempfile.mkdtemp(prefix="devicelist-")
+        self.dir = tempfile.mkdtemp(prefix="devicelist-process-")
         # cleanups run last-in first-out: the process stops before its directory goes
         case.addCleanup(shutil.rmtree, self.dir, True)
         case.addCleanup(self.stop)
         self.process: Optional[subprocess.Popen[bytes]] = None
         self.paused = False
-        # requests sent and not yet answered (nor failed)
-        self.in_flight = 0
+        # when each request not yet answered (nor failed) was sent
+        self._in_flight: dict[int, float] = {}
+        self._requests = 0
         self.env = dict(os.environ, PYTHONPATH=ROOT)
         self.http = http_client()
         subprocess.run(
@@ -225,15 +226,22 @@ class ServerProcess:
         if token is not None:
             headers.addRawHeader(b"Authorization", b"Bearer " + token.encode("ascii"))
         data = None if body is None else json.dumps(body).encode("utf-8")
-        self.in_flight += 1
+        self._requests += 1
+        request = self._requests
+        self._in_flight[request] = time.monotonic()
         try:
             response = await self.http.request(
                 method, self.url(path), data=data, headers=headers, timeout=REQUEST_TIMEOUT_S
             )
             content = await treq.content(response)
         finally:
-            self.in_flight -= 1
+            del self._in_flight[request]
         return response.code, json.loads(content)
+
+    def in_flight(self, for_at_least: float = 0.0) -> int:
+        """How many requests are sent and not answered, for at least ``for_at_least`` s."""
+        since = time.monotonic() - for_at_least
+        return sum(1 for sent in self._in_flight.values() if sent <= since)
 
     async def ok(self, method: str, path: str, body: Any = None, token: Optional[str] = None) -> Any:
         code, answer = await self.call(method, path, body, token)
@@ -255,11 +263,16 @@ class ServerProcess:
 
     # -- accounts, keys, rooms --------------------------------------------------------
 
-    async def register(self, username: str, admin: bool = False) -> str:
+    async def register(
+        self, username: str, admin: bool = False, inhibit_login: bool = False
+    ) -> str:
+        """Shared-secret registration; unless ``inhibit_login`` it also logs
+        the user in on a new device, as Synapse does."""
         nonce = (await self.ok("GET", REGISTER))["nonce"]
         body = {
             "nonce": nonce, "username": username, "password": PASSWORD, "admin": admin,
             "mac": synapse_mac(self.secret, nonce, username, PASSWORD, admin),
+            "inhibit_login": inhibit_login,
         }
         user_id: str = (await self.ok("POST", REGISTER, body))["user_id"]
         return user_id
