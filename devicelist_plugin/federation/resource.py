@@ -204,18 +204,42 @@ def _parse_query(uri: bytes) -> dict[str, list[str]]:
         raise MatrixError(400, M_INVALID_PARAM, "Query string is not valid UTF-8") from None
 
 
+def _encode_error(e: MatrixError) -> bytes:
+    """The JSON of an error answer; if its text cannot be encoded (it quotes
+    something unencodable), the same code and errcode with a fixed text, so
+    that the request is still answered."""
+    try:
+        return encode_canonical_json(e.to_json())
+    except Exception:
+        return encode_canonical_json({"errcode": e.errcode, "error": "Invalid request"})
+
+
 def _reject_constant(name: str) -> None:
     raise ValueError(f"invalid JSON constant {name}")
+
+
+def _encodable(value: object) -> bool:
+    """Whether every string (and key) in ``value`` can be encoded as UTF-8."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_json_object(body: bytes) -> JsonDict:
     """A request body as a JSON object; 400 ``M_NOT_JSON`` otherwise."""
     try:
-        value = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        text = body.decode("utf-8")
+        value = json.loads(text, parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError):
         # RecursionError: nesting deeper than the parser's stack (a few
         # hundred bytes of "[[[..." is enough)
         raise MatrixError(400, M_NOT_JSON, "Content not JSON.") from None
+    if "\\u" in text and not _encodable(value):
+        # a "\ud800" escape is valid JSON text but no UTF-8 string: it
+        # could be neither stored, signed, logged nor echoed in an error
+        raise MatrixError(400, M_NOT_JSON, "Content has a lone surrogate escape.")
     if not isinstance(value, dict):
         raise MatrixError(400, M_NOT_JSON, "Content must be a JSON object.")
     return value
@@ -352,9 +376,10 @@ class JsonResource(Resource):
                 path=path,
                 code=e.code,
                 errcode=e.errcode,
-                msg=e.msg,
+                # a text quoting a lone surrogate would break a UTF-8 log file
+                msg=e.msg.encode("utf-8", "backslashreplace").decode("utf-8"),
             )
-            code, payload = e.code, encode_canonical_json(e.to_json())
+            code, payload = e.code, _encode_error(e)
         except Exception:
             self.log.failure("Error handling {method} {path}", method=method, path=path)
             code = 500

@@ -316,6 +316,16 @@ class BodyTests(SynchronousTestCase):
                     (caught.exception.code, caught.exception.errcode), (400, M_NOT_JSON)
                 )
 
+    def test_lone_surrogate_escape_is_400(self) -> None:
+        # found by tests.fuzz: "\ud800" is valid JSON text but no UTF-8
+        # string; it reached SQLite (500) or an error text (no answer at all)
+        for content in [b'{"a": "\\ud800"}', b'{"\\udfff": 1}', b'{"a": ["x\\udbff"]}']:
+            with self.subTest(content=content):
+                code, body = self.client.call("PUT", "/required", content)
+                self.assertEqual((code, body["errcode"]), (400, M_NOT_JSON))
+        # an escaped pair is one character
+        self.assertEqual(parse_json_object(b'{"a": "\\ud83d\\ude00"}'), {"a": "\U0001f600"})
+
     def test_content_length_over_limit_is_413(self) -> None:
         exact = b'{"a":"' + b"x" * 92 + b'"}'
         self.assertEqual(len(exact), 100)
@@ -425,6 +435,14 @@ class ErrorMappingTests(SynchronousTestCase):
         self.assertNotIn(b"secret", content)
         self.assertEqual(headers.getRawHeaders(b"Content-Type"), [b"application/json"])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_error_whose_text_cannot_be_encoded_is_still_answered(self) -> None:
+        async def handler(request: JsonRequest) -> tuple[int, JsonDict]:
+            raise MatrixError(400, M_INVALID_PARAM, "bad value '\ud800'")
+
+        self.resource.register("GET", "/e", handler)
+        code, body = self.client.call("GET", "/e")
+        self.assertEqual((code, body), (400, {"errcode": M_INVALID_PARAM, "error": "Invalid request"}))
 
     def test_unencodable_answer_is_500_logged(self) -> None:
         async def handler(request: JsonRequest) -> tuple[int, JsonDict]:
