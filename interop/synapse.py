@@ -251,6 +251,11 @@ class SynapseServer(MatrixServerProcess):
         pattern = re.compile(
             r"Completed request: \d+ .* - " + re.escape(method) + r" (\S+)$"
         )
+        return self._log_lines(pattern, path_prefix)
+
+    def _log_lines(self, pattern: re.Pattern[str], path_prefix: str) -> list[str]:
+        """Log lines matching ``pattern`` whose first group, a request URI,
+        has a path starting with ``path_prefix``."""
         found = []
         try:
             with open(self.log_path, encoding="utf-8", errors="replace") as f:
@@ -261,6 +266,25 @@ class SynapseServer(MatrixServerProcess):
         except OSError:
             pass
         return found
+
+    def inbound_requests(self, method: str, path_prefix: str) -> list[str]:
+        """Requests Synapse answered (its access log: ``Processed request:
+        ... "<METHOD> <path> HTTP/1.1"``) whose path starts with
+        ``path_prefix``: one line each."""
+        pattern = re.compile(r'Processed request: .* "' + re.escape(method) + r' (\S+) HTTP/[\d.]+"')
+        return self._log_lines(pattern, path_prefix)
+
+    def outbound_failures(self, destination: str) -> list[str]:
+        """Synapse's failed attempts to send a transaction to ``destination``
+        (its ``[dest] Request failed: PUT .../send/`` lines, one per attempt;
+        it retries a transaction several times before giving it up)."""
+        markers = (f"[{destination}] Request failed: PUT matrix-federation://{destination}"
+                   "/_matrix/federation/v1/send/",)
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return [line.rstrip("\n") for line in f if any(m in line for m in markers)]
+        except OSError:
+            return []
 
     def create_room(self, token: str, **options: Any) -> str:
         """A public room of version 10 (``options`` added to ``createRoom``)."""

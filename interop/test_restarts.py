@@ -1,0 +1,87 @@
+"""Scenarios 5 and 6: one server down while the other's user changes
+devices; once it is back, every change arrives and the caches converge."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from interop.pair import PASSWORD, PairTestCase
+from tests.local.keys import ClientDevice, CrossSigning
+
+V3 = "/_matrix/client/v3"
+
+
+class RestartTests(PairTestCase):
+    def agree(self, user_id: str, what: str) -> dict[str, Any]:
+        """Wait until both servers' ``/keys/query`` of ``user_id`` agree
+        (devices, and the cross-signing keys either has)."""
+
+        def both() -> Optional[dict[str, Any]]:
+            ours = self.ours.query_keys(self.bob_token, [user_id])
+            theirs = self.synapse.query_keys(self.alice_token, [user_id])
+            if self.our_view(user_id) != self.synapse_view(user_id):
+                return None
+            for kind in ("master_keys", "self_signing_keys"):
+                if ours.get(kind, {}).get(user_id) != theirs.get(kind, {}).get(user_id):
+                    return None
+            return self.our_view(user_id)
+
+        return self.eventually(both, what)
+
+    def test_synapse_down_while_our_user_changes_devices(self) -> None:
+        bob = self.bob
+        token, phone = self.ours.login(bob, PASSWORD, device_id="BOBPHONE")
+        self.ours.client_ok("POST", f"{V3}/keys/upload", token,
+                            {"device_keys": ClientDevice(bob, phone).device_keys()})
+        self.assertIn(phone, self.agree(bob, "bob's phone on Synapse"))
+        fetches = self.synapse_fetches_of_ours()
+
+        self.synapse.stop()
+        self.ours.rename_device(token, phone, "renamed while Synapse was down")
+        token2, laptop = self.ours.login(bob, PASSWORD, device_id="BOBLAPTOP")
+        self.ours.client_ok("POST", f"{V3}/keys/upload", token2,
+                            {"device_keys": ClientDevice(bob, laptop).device_keys()})
+        self.ours.delete_device(token2, bob, PASSWORD, phone)
+        self.ours.client_ok("POST", f"{V3}/keys/device_signing/upload", token2,
+                            CrossSigning(bob).upload_body())
+        # our sender tried, failed, and is backing off
+        self.eventually(lambda: self.ours.destination(self.synapse.server_name)
+                        .get("failing_since_ts"), "our sender to notice Synapse is down")
+
+        self.synapse.start(timeout=120)
+        view = self.agree(bob, "every change on Synapse after its restart")
+        self.assertEqual(sorted(view), [laptop])
+        self.settle()
+        # the chain was intact: Synapse applied the queued EDUs without a fetch
+        self.assertEqual(self.synapse_fetches_of_ours(), fetches)
+
+    def test_our_server_down_while_synapse_user_changes_devices(self) -> None:
+        alice = self.alice
+        token, phone = self.synapse.login(alice, PASSWORD, device_id="ALICEPHONE")
+        self.synapse.client_ok("POST", f"{V3}/keys/upload", token,
+                               {"device_keys": ClientDevice(alice, phone).device_keys()})
+        self.eventually(lambda: (self.our_cache(alice).get(phone) or {}).get("keys"),
+                        "alice's phone in our cache")
+        self.assertIn(phone, self.agree(alice, "alice's phone on our side"))
+
+        self.ours.stop()
+        self.synapse.rename_device(token, phone, "renamed while we were down")
+        token2, laptop = self.synapse.login(alice, PASSWORD, device_id="ALICELAPTOP")
+        self.synapse.client_ok("POST", f"{V3}/keys/upload", token2,
+                               {"device_keys": ClientDevice(alice, laptop).device_keys()})
+        self.synapse.logout(token)
+        # Synapse tried to send them and failed
+        self.eventually(
+            lambda: self.synapse.outbound_failures(self.ours.server_name) or None,
+            "Synapse's failed transaction to us",
+        )
+
+        self.ours.start(timeout=60)
+        self.eventually(lambda: set(self.our_cache(alice)) == {laptop} or None,
+                        "our cache to converge after our restart", timeout=120)
+        view = self.agree(alice, "our /keys/query after our restart")
+        self.assertEqual(sorted(view), [laptop])
+        self.assertFalse(self.ours.cached_devices(alice)["stale"])
+        # Synapse's retried EDUs continued the chain our database kept: the
+        # restarted process (its counters start at zero) fetched nothing
+        self.assertEqual(self.ours.user_devices_fetches(), 0)
