@@ -29,12 +29,16 @@ from urllib.parse import quote
 
 import treq
 import yaml
+from zope.interface import implementer
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import URI, Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.http_headers import Headers
 
 from tests.local.keys import ClientDevice
@@ -79,10 +83,20 @@ def synapse_mac(secret: str, nonce: str, user: str, password: str, admin: bool) 
     return mac.hexdigest()
 
 
+@implementer(IAgentEndpointFactory)
+class _Loopback:
+    """Straight TCP connections: no name resolution in a thread first, so a
+    request is on the wire as soon as it is made."""
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        return TCP4ClientEndpoint(reactor, uri.host.decode("ascii"), uri.port)
+
+
 def http_client() -> HTTPClient:
-    """No persistent connections: nothing is left in the reactor."""
+    """Plain HTTP to 127.0.0.1; no persistent connections: nothing is left in
+    the reactor."""
     pool = HTTPConnectionPool(reactor, persistent=False)
-    return HTTPClient(Agent(reactor, pool=pool))
+    return HTTPClient(Agent.usingEndpointFactory(reactor, _Loopback(), pool=pool))
 
 
 def sleep(seconds: float) -> "Deferred[None]":
@@ -253,13 +267,19 @@ class ServerProcess:
         text: str = (await treq.content(response)).decode("utf-8")
         return text
 
-    async def metric_total(self, name: str) -> float:
-        """The sum of every sample of the metric ``name`` (all label values)."""
-        total = 0.0
+    async def metric_samples(self, name: str) -> dict[str, float]:
+        """The samples of the metric ``name``: ``{'{label="value",...}': value}``
+        (``''`` for a metric without labels)."""
+        samples = {}
         for line in (await self.metrics()).splitlines():
             if line.startswith(name + "{") or line.startswith(name + " "):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+                labels, value = line[len(name):].rsplit(" ", 1)
+                samples[labels.strip()] = float(value)
+        return samples
+
+    async def metric_total(self, name: str) -> float:
+        """The sum of every sample of the metric ``name`` (all label values)."""
+        return sum((await self.metric_samples(name)).values())
 
     # -- accounts, keys, rooms --------------------------------------------------------
 
