@@ -786,9 +786,14 @@ class Store:
         """The snapshot at ``stream_id`` covers the destination's pending
         changes up to it and becomes what the next EDU names as ``prev_id``,
         unless the destination already acknowledged a later EDU."""
+        # Signing-key rows stay: m.signing_key_update carries no stream id,
+        # so an older one still in flight (a transaction built before the
+        # snapshot) would otherwise be the last word; the row resends the
+        # current keys after it.
         t.execute(
-            "DELETE FROM outbound_pending WHERE destination = ? AND user_id = ? AND stream_id <= ?",
-            (destination, user_id, stream_id),
+            "DELETE FROM outbound_pending WHERE destination = ? AND user_id = ?"
+            " AND kind = ? AND stream_id <= ?",
+            (destination, user_id, KIND_DEVICE, stream_id),
         )
         row = t.query_one(
             "SELECT stream_ids_json FROM outbound_unreferenced"
