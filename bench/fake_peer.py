@@ -196,6 +196,7 @@ class FakeServer:
         self.port = 0
         self.users: dict[str, ChainedUser] = {}
         self.device_fetches: dict[str, int] = {}
+        self.fetch_times: dict[str, list[float]] = {}
         self.arrivals: list[Arrival] = []
         self.transactions = 0
         self._cond = threading.Condition()
@@ -231,6 +232,7 @@ class FakeServer:
                 return 404, {"errcode": "M_NOT_FOUND", "error": "no such user"}
             with self._cond:
                 self.device_fetches[user_id] = self.device_fetches.get(user_id, 0) + 1
+                self.fetch_times.setdefault(user_id, []).append(time.monotonic())
             return 200, user.user_devices()
         if path == prefix + "user/keys/query" and method == "POST":
             answer: JsonDict = {}

@@ -47,8 +47,11 @@ class SignedSender:
         return body, signed_headers(self.key, self.origin, self.destination, method, uri, content)
 
     def send(
-        self, method: str, uri: str, body: bytes, headers: dict[str, str], timeout: float = 120
+        self, method: str, uri: str, body: bytes, headers: dict[str, str], timeout: float = 120,
+        decode: bool = True,
     ) -> tuple[int, Any]:
+        """One request; the status and the decoded answer (its raw bytes
+        unless ``decode``)."""
         for attempt in (0, 1):
             if self._conn is None:
                 self._conn = http.client.HTTPSConnection(
@@ -58,6 +61,8 @@ class SignedSender:
                 self._conn.request(method, uri, body=body or None, headers=headers)
                 response = self._conn.getresponse()
                 raw = response.read()
+                if not decode:
+                    return response.status, raw
                 return response.status, json.loads(raw) if raw else None
             except (http.client.HTTPException, ConnectionError):
                 self.close()

@@ -81,29 +81,41 @@ def log(message: str) -> None:
 # -- serve ----------------------------------------------------------------------
 
 
-def scenario_serve(target: Target, peer: FakeServer, args: argparse.Namespace) -> Results:
-    user_id, _ = target.new_user("ten", 10)
-    sender = SignedSender(peer.signing_key, peer.server_name, target.server_name,
-                          target.server.federation_port)
-    url = f"https://127.0.0.1:{target.server.federation_port}"
-    requests: dict[str, tuple[str, str, Any]] = {
-        "user_devices": ("GET", f"/_matrix/federation/v1/user/devices/{quote(user_id, safe='')}",
-                         None),
-        "keys_query": ("POST", "/_matrix/federation/v1/user/keys/query",
-                       {"device_keys": {user_id: []}}),
-    }
-    out: Results = {}
-    for name, (method, uri, content) in requests.items():
-        body, headers = sender.prepare(method, uri, content)
-        status, answer = sender.send(method, uri, body, headers)  # warm-up, key fetch
-        if status != 200:
-            raise RuntimeError(f"{target.label} {name}: {status} {answer}")
+def scenario_serve(targets: Sequence[Target], peer: FakeServer,
+                   args: argparse.Namespace) -> dict[str, Results]:
+    """Both targets' runs interleaved (ours, Synapse, ours, ...), so that a
+    change in the machine's load hits both alike."""
+    plans = []
+    for target in targets:
+        user_id, _ = target.new_user("ten", 10)
+        sender = SignedSender(peer.signing_key, peer.server_name, target.server_name,
+                              target.server.federation_port)
+        requests: dict[str, tuple[str, str, Any]] = {
+            "user_devices": (
+                "GET", f"/_matrix/federation/v1/user/devices/{quote(user_id, safe='')}", None),
+            "keys_query": ("POST", "/_matrix/federation/v1/user/keys/query",
+                           {"device_keys": {user_id: []}}),
+        }
+        prepared = {}
+        for name, (method, uri, content) in requests.items():
+            body, headers = sender.prepare(method, uri, content)
+            status, answer = sender.send(method, uri, body, headers)  # warm-up, key fetch
+            if status != 200:
+                raise RuntimeError(f"{target.label} {name}: {status} {answer}")
+            prepared[name] = (method, uri, body, headers)
+        sender.close()
+        plans.append((target, prepared))
+    out: dict[str, Results] = {t.label: {} for t in targets}
+    for name in ("user_devices", "keys_query"):
         for c, threads in ((1, 1), (16, 2)):
-            r = run_wrk(url + uri, method, body, headers, c, args.seconds, threads)
-            log(f"{target.label} {name} c={c}: {r.rps:.0f} req/s p50 {r.p50_ms:.2f} ms "
-                f"p99 {r.p99_ms:.2f} ms non-2xx {r.non_2xx} errors {r.socket_errors}")
-            out[f"{name}_c{c}"] = r.as_json()
-    sender.close()
+            for target, prepared in plans:
+                method, uri, body, headers = prepared[name]
+                url = f"https://127.0.0.1:{target.server.federation_port}{uri}"
+                with Profiler(args.profile if c == 16 else None, target, f"{name}-c16"):
+                    r = run_wrk(url, method, body, headers, c, args.seconds, threads)
+                log(f"{target.label} {name} c={c}: {r.rps:.0f} req/s p50 {r.p50_ms:.2f} ms "
+                    f"p99 {r.p99_ms:.2f} ms non-2xx {r.non_2xx} errors {r.socket_errors}")
+                out[target.label][f"{name}_c{c}"] = r.as_json()
     return out
 
 
@@ -276,7 +288,7 @@ def scenario_fanout(target: Target, peers: list[FakeServer], args: argparse.Name
         p.users[member.user_id] = member
         target.share([member.user_id], p.server_name, p.signing_key)
     log(f"{target.label}: {len(peers)} servers joined ({time.monotonic() - t:.1f} s)")
-    time.sleep(2)
+    time.sleep(5)  # let the joins' own traffic settle
     t0 = time.monotonic()
     _, device_id = target.server.login(user_id, PASSWORD)
     arrivals = []
@@ -309,12 +321,15 @@ def scenario_big(target: Target, peer: FakeServer, args: argparse.Namespace) -> 
                           target.server.federation_port)
     uri = f"/_matrix/federation/v1/user/devices/{quote(user_id, safe='')}"
     times = []
+    body, headers = sender.prepare("GET", uri, None)
     for _ in range(args.big_repeat):
         t0 = time.monotonic()
-        status, answer = sender.request("GET", uri)
+        status, raw = sender.send("GET", uri, body, headers, decode=False)
         times.append((time.monotonic() - t0) * 1000)
+        answer = json.loads(raw)  # checked, not timed
         if status != 200 or len(answer["devices"]) != args.big:
             raise RuntimeError(f"{target.label}: {status}, {len(answer.get('devices', []))} devices")
+    out["serve_bytes"] = len(raw)
     sender.close()
     out["serve_first_ms"] = times[0]
     out["serve_median_ms"] = statistics.median(times[1:])
@@ -326,13 +341,27 @@ def scenario_big(target: Target, peer: FakeServer, args: argparse.Namespace) -> 
     sender = SignedSender(peer.signing_key, peer.server_name, target.server_name,
                           target.server.federation_port)
 
-    def complete() -> bool:
-        return len(target.query_keys([big.user_id]).get(big.user_id, {})) == args.big
+    last = big.device_id(args.big - 1)
 
-    t0 = time.monotonic()
-    _send_all(sender, peer, [(big, 1)], 1, f"big-{target.label}-")
-    wait_until(complete, 600, "the big user resynced", interval=0.25)
-    out["resync_ms"] = (time.monotonic() - t0) * 1000
+    def complete() -> bool:
+        # one device asked for, so that polling costs little: a resync
+        # stores the whole list in one transaction on both servers
+        answer = target.server.client_ok("POST", "/_matrix/client/v3/keys/query",
+                                         target.local_token,
+                                         {"device_keys": {big.user_id: [last]}})
+        return last in answer.get("device_keys", {}).get(big.user_id, {})
+
+    with Profiler(args.profile, target, "big-resync"):
+        t0 = time.monotonic()
+        _send_all(sender, peer, [(big, 1)], 1, f"big-{target.label}-")
+        wait_until(complete, 600, "the big user resynced", interval=0.25)
+        out["resync_ms"] = (time.monotonic() - t0) * 1000
+    cached = target.query_keys([big.user_id]).get(big.user_id, {})
+    if len(cached) != args.big:
+        raise RuntimeError(f"{target.label}: {len(cached)} devices cached after the resync")
+    fetched = peer.fetch_times.get(big.user_id, [])
+    out["resync_fetch_started_ms"] = (fetched[0] - t0) * 1000 if fetched else None
+    out["resync_fetches"] = len(fetched)
     sender.close()
     log(f"{target.label} big resync: {out['resync_ms']:.0f} ms")
     return out
@@ -349,29 +378,33 @@ def signed_device_keys_fast(user_id: str, device_id: str) -> dict[str, Any]:
 # -- driver ------------------------------------------------------------------------------
 
 
-def run_target(target: Target, peers: list[FakeServer], only: Sequence[str],
-               args: argparse.Namespace) -> Results:
-    results: Results = {}
-    target.start()
-    try:
+def run_all(targets: Sequence[Target], peers: list[FakeServer], only: Sequence[str],
+            args: argparse.Namespace, results: Results) -> None:
+    """Every scenario on every target (both servers run throughout; the one
+    not measured is idle)."""
+    for target in targets:
+        results[target.label] = {}
+        target.start()
         target.setup_room()
-        peer = peers[0]
-        for name in only:
+    peer = peers[0]
+    for name in only:
+        if name == "serve":
+            for label, served in scenario_serve(targets, peer, args).items():
+                results[label][name] = served
+            continue
+        for target in targets:
             log(f"{target.label}: {name}")
-            if name == "serve":
-                results[name] = scenario_serve(target, peer, args)
-            elif name == "inbound":
-                results[name] = scenario_inbound(target, peer, args)
+            if name == "inbound":
+                results[target.label][name] = scenario_inbound(target, peer, args)
             elif name == "latency":
-                results[name] = scenario_latency(target, peer, args)
+                results[target.label][name] = scenario_latency(target, peer, args)
             elif name == "fanout":
-                results[name] = scenario_fanout(target, peers[1:1 + args.fanout], args)
+                results[target.label][name] = scenario_fanout(
+                    target, peers[1:1 + args.fanout], args)
             elif name == "big":
-                results[name] = scenario_big(target, peer, args)
-        results["final_rss"] = rss_kb(target.pid)
-    finally:
-        target.stop()
-    return results
+                results[target.label][name] = scenario_big(target, peer, args)
+    for target in targets:
+        results[target.label]["final_rss"] = rss_kb(target.pid)
 
 
 ROWS: list[tuple[str, str, str, bool]] = [
@@ -452,7 +485,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--big-repeat", type=int, default=6)
     parser.add_argument("--json", default="side_by_side.json")
     parser.add_argument("--profile", metavar="DIR",
-                        help="py-spy the servers during the inbound run, stacks into DIR")
+                        help="py-spy the servers during the inbound run and the c=16 serve runs, "
+                             "stacks into DIR")
     parser.add_argument("--keep", action="store_true", help="keep the servers' directories")
     args = parser.parse_args(argv)
     only = args.only or list(SCENARIOS)
@@ -465,12 +499,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     workdir = tempfile.mkdtemp(prefix="side-by-side-")
     results: Results = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                         "load_before": os.getloadavg(), "args": vars(args)}
+    targets: list[Target] = [
+        (OursTarget if kind == "ours" else SynapseTarget)(os.path.join(workdir, kind))
+        for kind in kinds
+    ]
     try:
-        for kind in kinds:
-            target: Target = (OursTarget if kind == "ours" else SynapseTarget)(
-                os.path.join(workdir, kind))
-            results[kind] = run_target(target, peers, only, args)
+        run_all(targets, peers, only, args, results)
     finally:
+        for target in targets:
+            target.stop()
         results["load_after"] = os.getloadavg()
         for p in peers:
             thread.call(p.close)
