@@ -1,5 +1,5 @@
-"""Scenario 1, Synapse -> us: a Synapse user's device changes reach our
-cache by ``m.device_list_update`` EDUs, each step, with no ``/user/devices``
+"""Scenario 1, Synapse -> us: a Synapse user's device changes (and
+cross-signing keys) reach our cache by ``m.device_list_update`` EDUs, each step, with no ``/user/devices``
 fetch beyond the first contact.
 
 Synapse's first EDU to a destination has ``prev_id: []``, which asks for a
@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from interop.pair import PASSWORD, PairTestCase
-from tests.local.keys import ClientDevice
+from tests.local.keys import ClientDevice, CrossSigning
 
 
 class SynapseToUsTests(PairTestCase):
@@ -70,3 +70,54 @@ class SynapseToUsTests(PairTestCase):
             self.ours.metric("devicelist_edus_decided_total", action="resync"), 1.0,
             "only Synapse's first EDU (prev_id []) asked for a resync",
         )
+
+    def test_cross_signing_update_then_a_device_change(self) -> None:
+        """Synapse's ``m.signing_key_update`` reaches our cache without a
+        fetch; but the next device EDU's ``prev_id`` names the stream id
+        Synapse gave the cross-signing change, which no EDU carried (Synapse
+        #7142), so we hold it, then resync once: the spec's answer to an
+        unknown ``prev_id``."""
+        alice = self.alice
+        token, phone = self.synapse.login(alice, PASSWORD, device_id="ALICEPHONE")
+        self.synapse.client_ok("POST", "/_matrix/client/v3/keys/upload", token,
+                               {"device_keys": ClientDevice(alice, phone).device_keys()})
+        self.eventually(lambda: (self.our_cache(alice).get(phone) or {}).get("keys"),
+                        "alice's phone in our cache")
+        self.assertEqual(self.ours.user_devices_fetches(), 1)
+
+        cross = CrossSigning(alice)
+        self.synapse.client_ok("POST", "/_matrix/client/v3/keys/device_signing/upload", token,
+                               cross.upload_body())
+        self.eventually(
+            lambda: {"master", "self_signing"} <= set(
+                self.ours.cached_devices(alice)["cross_signing_keys"]) or None,
+            "alice's cross-signing keys in our cache",
+        )
+        answer = self.eventually(lambda: self.cross_signing_agrees(alice),
+                                 "alice's cross-signing keys on our side")
+        self.assertEqual(answer["master_keys"][alice]["keys"], cross.master_json["keys"])
+        self.assertEqual(self.ours.user_devices_fetches(), 1)
+
+        token2, laptop = self.synapse.login(alice, PASSWORD, device_id="ALICELAPTOP")
+        self.synapse.client_ok("POST", "/_matrix/client/v3/keys/upload", token2,
+                               {"device_keys": ClientDevice(alice, laptop).device_keys()})
+        self.eventually(lambda: (self.our_cache(alice).get(laptop) or {}).get("keys"),
+                        "alice's laptop in our cache")
+        self.assertEqual(sorted(self.views_agree(alice, "both devices on our side")),
+                         sorted([phone, laptop]))
+        self.assertIsNotNone(self.cross_signing_agrees(alice))
+        self.settle()
+        self.assertEqual(self.ours.user_devices_fetches(), 2)
+        self.assertEqual(
+            self.ours.metric("devicelist_resyncs_total", reason="unknown_prev_id"), 1.0,
+            self.ours.metrics_text(),
+        )
+
+    def cross_signing_agrees(self, user_id: str) -> Optional[dict[str, Any]]:
+        """Our ``/keys/query`` answer if its master and self-signing keys of
+        ``user_id`` are Synapse's, else ``None``."""
+        ours = self.ours.query_keys(self.bob_token, [user_id])
+        theirs = self.synapse.query_keys(self.alice_token, [user_id])
+        same = all(ours.get(kind, {}).get(user_id) == theirs.get(kind, {}).get(user_id)
+                   for kind in ("master_keys", "self_signing_keys"))
+        return ours if same else None

@@ -77,6 +77,17 @@ class UsToSynapseTests(PairTestCase):
         self.assertEqual(answer["master_keys"][bob], ours["master_keys"][bob])
         self.assertEqual(answer["self_signing_keys"][bob], ours["self_signing_keys"][bob])
 
+        # a device change after the cross-signing upload: our chain has no
+        # hole there (unlike Synapse's, see test_synapse_to_us), so Synapse
+        # applies it without a fetch
+        self.ours.rename_device(token2, device2, "Bob's laptop")
+        self.eventually(
+            lambda: self.synapse_view(bob).get(device2, {}).get("unsigned", {})
+            .get("device_display_name") == "Bob's laptop" or None,
+            "the laptop's new name on Synapse",
+        )
+        self.synapse_agrees("Synapse's view of bob after the cross-signing upload")
+
         # every change came by EDU: Synapse never had to re-fetch our list
         self.settle()
         self.assertEqual(self.synapse_fetches_of_ours(), first_contact,
