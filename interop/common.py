@@ -21,6 +21,9 @@ import urllib.request
 from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 from urllib.parse import quote
 
+from signedjson.key import read_signing_keys
+from signedjson.types import SigningKey
+
 from devicelist_plugin.client.registration import REGISTER_PATH, registration_mac
 
 __all__ = [
@@ -143,12 +146,21 @@ class MatrixServerProcess:
     client_port: int
     federation_port: int
     registration_secret: str
+    #: the server's signing key file (Synapse's format, ours too)
+    signing_key_path: str
 
     def __init__(self, workdir: str) -> None:
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         self.process: Optional[subprocess.Popen[bytes]] = None
         self.output_path = os.path.join(self.workdir, "process.out")
+
+    @property
+    def signing_key(self) -> SigningKey:
+        """The key the server signs with (the first of its key file)."""
+        with open(self.signing_key_path) as f:
+            key: SigningKey = read_signing_keys(f)[0]
+        return key
 
     # -- process ---------------------------------------------------------
 

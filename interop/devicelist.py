@@ -20,9 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 from urllib.parse import quote
 
 import yaml
-from signedjson.types import SigningKey
 
-from devicelist_plugin.federation.signing_keys import load_signing_keys
 from interop.common import HarnessError, MatrixServerProcess, deep_merge, free_port
 
 __all__ = ["ADMIN", "DevicelistServer", "REPOSITORY"]
@@ -85,10 +83,6 @@ class DevicelistServer(MatrixServerProcess):
         self.registration_secret = config["registration_shared_secret"]
         with open(self.config_path, "w") as f:
             yaml.safe_dump(deep_merge(config, extra), f)
-
-    @property
-    def signing_key(self) -> SigningKey:
-        return load_signing_keys(self.signing_key_path)[0]
 
     def command(self) -> tuple[Sequence[str], Mapping[str, str]]:
         argv = [

@@ -27,8 +27,7 @@ from typing import Any, Mapping, Optional, Sequence
 from urllib.parse import urlsplit
 
 import yaml
-from signedjson.key import generate_signing_key, read_signing_keys, write_signing_keys
-from signedjson.types import SigningKey
+from signedjson.key import generate_signing_key, write_signing_keys
 
 from devicelist_plugin.standalone.generate import self_signed_certificate
 from interop.common import (
@@ -227,12 +226,6 @@ class SynapseServer(MatrixServerProcess):
         }
         with open(self.config_path, "w") as f:
             yaml.safe_dump(deep_merge(config, extra), f)
-
-    @property
-    def signing_key(self) -> SigningKey:
-        with open(self.signing_key_path) as f:
-            key: SigningKey = read_signing_keys(f)[0]
-        return key
 
     def command(self) -> tuple[Sequence[str], Mapping[str, str]]:
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
