@@ -404,6 +404,10 @@ class FederationClient:
             retryable = False
         elif isinstance(e, ServerResolutionError):
             retryable = e.retryable
+        elif isinstance(e, UnicodeError):
+            # idna's IDNAError: a name the server-name grammar allows ("-",
+            # "a..b") that no URL can carry; it names no reachable server
+            retryable = False
         elif not isinstance(e, _TRANSPORT_ERRORS):
             self.log.failure(
                 "{method} {destination}{path}: unexpected error sending the request",

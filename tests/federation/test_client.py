@@ -377,6 +377,18 @@ class SendFailureTests(ClientTestCase):
             self.send_with(ServerResolutionError(DEST, "SERVFAIL", retryable=True)).retryable
         )
 
+    def test_destination_no_url_can_carry_is_not_retryable_nor_logged(self) -> None:
+        # found by tests.fuzz: a request signed as origin "-" made the key
+        # ring fetch from "-", and treq's IDNA encoding failure was logged
+        # as an unexpected error
+        for name in ["-", "a..b", "-a.example"]:
+            with self.subTest(name=name):
+                d = Deferred.fromCoroutine(self.client.get_json(name, "/x"))
+                error = self.failureResultOf(d, RequestSendFailed).value
+                self.assertFalse(error.retryable)
+                self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(self.resource.requests, [])
+
     def test_unexpected_error_logged_and_wrapped(self) -> None:
         error = self.send_with(RuntimeError("bug"))
         self.assertTrue(error.retryable)
