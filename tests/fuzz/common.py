@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 #: examples per target when ``FUZZ_EXAMPLES`` is not set
-DEFAULT_EXAMPLES = 150
+DEFAULT_EXAMPLES = 500
 
 Case = TypeVar("Case", bound=SynchronousTestCase)
 
