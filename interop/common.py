@@ -42,8 +42,16 @@ T = TypeVar("T")
 V3 = "/_matrix/client/v3"
 
 
+#: first-start attempts, each with new ports if a port was taken meanwhile
+PORT_ATTEMPTS = 3
+
+
 class HarnessError(Exception):
     """A server of the harness did not start, answered wrongly or timed out."""
+
+
+class _PortTaken(Exception):
+    """The server exited at start because one of its ports was in use."""
 
 
 def free_port() -> int:
@@ -154,6 +162,7 @@ class MatrixServerProcess:
         os.makedirs(self.workdir, exist_ok=True)
         self.process: Optional[subprocess.Popen[bytes]] = None
         self.output_path = os.path.join(self.workdir, "process.out")
+        self._started = False
 
     @property
     def signing_key(self) -> SigningKey:
@@ -175,29 +184,63 @@ class MatrixServerProcess:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def choose_ports(self) -> None:
+        """Take new free ports (and with them a new server name) and rewrite
+        the configuration: called when a port was taken between choosing it
+        and the first start."""
+        raise NotImplementedError
+
     def start(self, timeout: float = 60) -> None:
-        """Start the process and wait until both listeners answer."""
+        """Start the process and wait (at most ``timeout`` seconds) until both
+        listeners answer.
+
+        A port is only free when chosen: if another process took one before
+        the first start, the server exits at once, and it is started again
+        with new ports (:meth:`choose_ports`; so read :attr:`server_name`
+        and the ports after the first ``start``).  Later starts (restarts)
+        keep their ports.
+        """
         if self.running():
             raise HarnessError(f"{self.server_name} is already running")
+        attempts = 1 if self._started else PORT_ATTEMPTS
+        for attempt in range(1, attempts + 1):
+            try:
+                self._start_once(timeout)
+            except _PortTaken as e:
+                if attempt == attempts:
+                    raise HarnessError(f"{self.server_name}: a port is taken:\n{e}") from None
+                self.choose_ports()
+                continue
+            self._started = True
+            return
+
+    def _start_once(self, timeout: float) -> None:
         argv, env = self.command()
         with open(self.output_path, "ab") as out:
             self.process = subprocess.Popen(
                 list(argv), env=dict(env), cwd=self.workdir,
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
-
-        def ready() -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
             if not self.running():
-                raise HarnessError(f"{self.server_name} exited:\n{self.output_tail()}")
-            client, _ = http_json("GET", self.client_url("/_matrix/client/versions"), timeout=5)
-            key, _ = http_json("GET", self.federation_url("/_matrix/key/v2/server"), timeout=5)
-            return client == 200 and key == 200
-
-        try:
-            wait_until(ready, timeout, f"{self.server_name} to start")
-        except HarnessError as e:
-            self.stop()
-            raise HarnessError(f"{e}\n{self.output_tail()}") from None
+                output = self.output_tail()
+                self.stop()
+                if "Address already in use" in output:
+                    raise _PortTaken(output)
+                raise HarnessError(f"{self.server_name} exited:\n{output}")
+            try:
+                client, _ = http_json("GET", self.client_url("/_matrix/client/versions"), timeout=5)
+                key, _ = http_json("GET", self.federation_url("/_matrix/key/v2/server"), timeout=5)
+                if client == 200 and key == 200:
+                    return
+            except OSError:
+                pass  # not listening yet
+            if time.monotonic() >= deadline:
+                self.stop()
+                raise HarnessError(
+                    f"{self.server_name} did not start in {timeout:g}s:\n{self.output_tail()}")
+            time.sleep(0.25)
 
     def stop(self, timeout: float = 20) -> None:
         """SIGTERM, then SIGKILL after ``timeout`` seconds; exact pid only."""

@@ -42,13 +42,22 @@ class DevicelistServer(MatrixServerProcess):
 
     def __init__(self, workdir: str, *, extra_config: Optional[Mapping[str, Any]] = None) -> None:
         super().__init__(workdir)
+        self.config_path = os.path.join(self.workdir, "devicelist.yaml")
+        self._admin_token: Optional[str] = None
+        self._extra = dict(extra_config or {})
+        self.choose_ports()
+
+    def choose_ports(self) -> None:
+        # everything generate-config wrote (and a database made under the old
+        # name) goes: it is all named after the server
+        for name in os.listdir(self.workdir):
+            if name != os.path.basename(self.output_path):
+                os.remove(os.path.join(self.workdir, name))
         self.federation_port = free_port()
         self.client_port = free_port()
         self.server_name = f"localhost:{self.federation_port}"
-        self.config_path = os.path.join(self.workdir, "devicelist.yaml")
         self.signing_key_path = os.path.join(self.workdir, f"{self.server_name}.signing.key")
-        self._admin_token: Optional[str] = None
-        self._generate(extra_config or {})
+        self._generate(self._extra)
 
     def _env(self) -> dict[str, str]:
         path = os.environ.get("PYTHONPATH")

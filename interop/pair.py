@@ -60,11 +60,13 @@ class PairTestCase(TestCase):
             print(f"\n{KEEP_ENV}: keeping {workdir}")
         else:
             self.addCleanup(shutil.rmtree, workdir, True)
+        # each server takes its ports just before it starts: the shorter the
+        # wait, the less likely another process takes one meanwhile
         self.synapse = SynapseServer(f"{workdir}/synapse")
-        self.ours = DevicelistServer(f"{workdir}/ours")
         self.addCleanup(self.synapse.stop)
-        self.addCleanup(self.ours.stop)
         self.synapse.start(timeout=180)
+        self.ours = DevicelistServer(f"{workdir}/ours")
+        self.addCleanup(self.ours.stop)
         self.ours.start(timeout=60)
 
         self.alice, self.alice_token = self.synapse.register("alice", PASSWORD)

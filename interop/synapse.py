@@ -147,28 +147,40 @@ class SynapseServer(MatrixServerProcess):
 
     def __init__(self, workdir: str, *, extra_config: Optional[Mapping[str, Any]] = None) -> None:
         super().__init__(workdir)
-        self.federation_port = free_port()
-        self.client_port = free_port()
-        self.server_name = f"localhost:{self.federation_port}"
         self.registration_secret = secrets.token_urlsafe(24)
         self.config_path = os.path.join(self.workdir, "homeserver.yaml")
         self.log_path = os.path.join(self.workdir, "homeserver.log")
         self.signing_key_path = os.path.join(self.workdir, "signing.key")
-        self._write_files(extra_config or {})
+        self._extra = dict(extra_config or {})
+        self._write_files()
+        self.choose_ports()
 
-    def _write_files(self, extra: Mapping[str, Any]) -> None:
-        d = self.workdir
+    def choose_ports(self) -> None:
+        self.federation_port = free_port()
+        self.client_port = free_port()
+        self.server_name = f"localhost:{self.federation_port}"
+        # a database made under another server name is not reused
+        database = os.path.join(self.workdir, "homeserver.db")
+        if os.path.exists(database):
+            os.remove(database)
+        self._write_config()
+
+    def _write_files(self) -> None:
+        """The signing key, TLS certificate and logging configuration."""
         with open(self.signing_key_path, "w") as f:
             write_signing_keys(f, [generate_signing_key("a_" + secrets.token_hex(2))])
         certificate, key = self_signed_certificate("localhost")
-        cert_path, key_path = os.path.join(d, "tls.crt"), os.path.join(d, "tls.key")
-        with open(cert_path, "wb") as f:
+        with open(os.path.join(self.workdir, "tls.crt"), "wb") as f:
             f.write(certificate)
-        with open(key_path, "wb") as f:
+        with open(os.path.join(self.workdir, "tls.key"), "wb") as f:
             f.write(key)
-        log_config_path = os.path.join(d, "log.config")
-        with open(log_config_path, "w") as f:
+        with open(os.path.join(self.workdir, "log.config"), "w") as f:
             yaml.safe_dump(_log_config(self.log_path), f)
+
+    def _write_config(self) -> None:
+        d = self.workdir
+        cert_path, key_path = os.path.join(d, "tls.crt"), os.path.join(d, "tls.key")
+        log_config_path = os.path.join(d, "log.config")
         config: dict[str, Any] = {
             "server_name": self.server_name,
             "pid_file": os.path.join(d, "homeserver.pid"),
@@ -225,7 +237,7 @@ class SynapseServer(MatrixServerProcess):
                               "reject_limit": 10000, "concurrent": 100},
         }
         with open(self.config_path, "w") as f:
-            yaml.safe_dump(deep_merge(config, extra), f)
+            yaml.safe_dump(deep_merge(config, self._extra), f)
 
     def command(self) -> tuple[Sequence[str], Mapping[str, str]]:
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
