@@ -66,6 +66,7 @@ from bench.targets import (  # noqa: E402
     OursTarget,
     SynapseTarget,
     Target,
+    cpu_seconds,
     rss_kb,
 )
 from interop.common import wait_until  # noqa: E402
@@ -210,6 +211,7 @@ def scenario_inbound(target: Target, peer: FakeServer, args: argparse.Namespace)
     edus = [(u, step) for step in range(2, 2 + steps) for u in users]
     last = 1 + steps
     mem0, db0, fetches0 = rss_kb(target.pid), target.db_bytes(), peer.fetches()
+    cpu0 = cpu_seconds(target.pid)
     with Profiler(args.profile, target, "inbound"):
         t0 = time.monotonic()
         _send_all(sender, peer, edus, 100, f"chain-{target.label}-")
@@ -217,6 +219,7 @@ def scenario_inbound(target: Target, peer: FakeServer, args: argparse.Namespace)
         wait_until(_shows(target, users, last), 1800, "the last EDU applied", interval=0.05)
         elapsed = time.monotonic() - t0
     mem1, db1 = rss_kb(target.pid), target.db_bytes()
+    cpu = cpu_seconds(target.pid) - cpu0
     sender.close()
     out = {
         "users": len(users),
@@ -226,6 +229,8 @@ def scenario_inbound(target: Target, peer: FakeServer, args: argparse.Namespace)
         "send_s": sent_s,
         "applied_s": elapsed,
         "edus_per_s": len(edus) / elapsed,
+        "server_cpu_s": cpu,
+        "cpu_ms_per_edu": cpu * 1000 / len(edus),
         "resyncs": peer.fetches() - fetches0,
         "rss_kb_before": mem0["rss_kb"],
         "rss_kb_after": mem1["rss_kb"],
@@ -424,6 +429,7 @@ ROWS: list[tuple[str, str, str, bool]] = [
     ("inbound: priming 200 users, s", "inbound", "prime_s", False),
     ("inbound: priming fetches", "inbound", "prime_fetches", False),
     ("inbound: EDUs applied/s", "inbound", "edus_per_s", True),
+    ("inbound: server CPU per EDU, ms", "inbound", "cpu_ms_per_edu", False),
     ("inbound: /send time of 200 txns, s", "inbound", "send_s", False),
     ("inbound: until last applied, s", "inbound", "applied_s", False),
     ("inbound: resyncs while measured", "inbound", "resyncs", False),

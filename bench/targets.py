@@ -61,6 +61,15 @@ def rss_kb(pid: Optional[int]) -> dict[str, int]:
     return out
 
 
+def cpu_seconds(pid: Optional[int]) -> float:
+    """User plus system CPU time a process has used."""
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Target:
     """One server under test."""
 

@@ -1425,11 +1425,23 @@ class Store:
         return int(row[0]), int(row[1])
 
     def _replace_known_ids(self, t: Txn, user_id: str, known_ids: Collection[int]) -> None:
-        t.execute("DELETE FROM remote_known_stream_ids WHERE user_id = ?", (user_id,))
-        kept = sorted(set(known_ids))[-self.known_ids_window :]
+        # Only the difference is written: each applied EDU usually adds one
+        # id and drops the oldest, and rewriting the whole window (100 rows)
+        # per EDU was most of the inbound path's database time.
+        kept = set(sorted(set(known_ids))[-self.known_ids_window :])
+        stored = {
+            int(r[0])
+            for r in t.query(
+                "SELECT stream_id FROM remote_known_stream_ids WHERE user_id = ?", (user_id,)
+            )
+        }
+        t.executemany(
+            "DELETE FROM remote_known_stream_ids WHERE user_id = ? AND stream_id = ?",
+            [(user_id, stream_id) for stream_id in sorted(stored - kept)],
+        )
         t.executemany(
             "INSERT INTO remote_known_stream_ids (user_id, stream_id) VALUES (?, ?)",
-            [(user_id, stream_id) for stream_id in kept],
+            [(user_id, stream_id) for stream_id in sorted(kept - stored)],
         )
 
     @staticmethod
