@@ -158,7 +158,7 @@ class FakeNetwork:
                 connection.abort()
         self._reap()
 
-    def crash_server(self, server_name: str) -> None:
+    def crash_server(self, server_name: str) -> list[object]:
         """
         The process serving C{server_name} died: it is taken off the network
         (refused until added again); on every connection to or from it its
@@ -166,14 +166,25 @@ class FakeNetwork:
         connection (C{ConnectionLost}); requests in flight or delayed are
         dropped in both directions; its agents never answer again (their
         requests are neither logged nor delivered).
+
+        Returns what the dead side leaves behind (its connections, its
+        agents and their unanswered requests): keep it referenced as long as
+        the test runs, or the garbage collector closes the dead process's
+        suspended coroutines, running their C{finally} blocks as if the dead
+        process were still alive.
         """
         self._sites.pop(server_name, None)
+        remains: list[object] = []
         for agent in self._agents.pop(server_name, []):
             agent.dead = True
+            agent.network = None  # the remains must not keep the network alive
+            remains.append(agent)
         for connection in list(self._connections):
             if server_name in (connection.record.origin, connection.record.destination):
                 connection.sever(server_name)
+                remains.append(connection)
         self._reap()
+        return remains
 
     def server_names(self) -> list[str]:
         return sorted(self._sites)
@@ -328,11 +339,12 @@ class FakeNetwork:
 @implementer(IAgent)
 class _NetworkAgent:
     def __init__(self, network: FakeNetwork, origin: str, reactor: IReactorTime) -> None:
-        self._network = network
+        self.network: FakeNetwork | None = network
         self.origin = origin
         self._reactor = reactor
         #: the origin's process crashed: requests never leave, never end
         self.dead = False
+        self.unanswered: list[Deferred[IResponse]] = []
 
     def request(
         self,
@@ -341,9 +353,11 @@ class _NetworkAgent:
         headers: Headers | None = None,
         bodyProducer: IBodyProducer | None = None,
     ) -> Deferred[IResponse]:
-        if self.dead:
-            return Deferred()
-        return self._network._request(
+        if self.dead or self.network is None:
+            d: Deferred[IResponse] = Deferred()
+            self.unanswered.append(d)
+            return d
+        return self.network._request(
             self.origin, self._reactor, method, uri, headers, bodyProducer
         )
 

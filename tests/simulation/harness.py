@@ -216,6 +216,8 @@ class Simulation:
         self.down: dict[str, Optional[IDelayedCall]] = {}
         self.after_commit: set[str] = set()
         self.errors: list[str] = []
+        #: every store opened, closed by close()
+        self.stores: list[Store] = []
         for name in SERVERS:
             self._boot(name)
         self.joined: set[str] = set()
@@ -233,7 +235,7 @@ class Simulation:
         # A crash here is a process crash, never a power loss: what was
         # committed is in the file whatever the fsync policy, so skip fsync.
         raw.database.pool.connect().execute("PRAGMA synchronous = OFF")
-        self.case.addCleanup(raw.close)
+        self.stores.append(raw)
         clock = ProcessClock(self.clock)
         store = CrashableStore(raw, lambda: self.crash(name, "store_call"))
         membership = InMemoryMembership(name)
@@ -264,7 +266,7 @@ class Simulation:
         proc = self.procs[name]
         if proc.store.dead:
             return
-        proc.store.dead = True
+        proc.store.kill()
         self.stats.timers_cancelled += proc.clock.kill()
         GRAVEYARD.append((proc, self.network.crash_server(name)))
         self.stats.crashes[kind] = self.stats.crashes.get(kind, 0) + 1
@@ -569,7 +571,14 @@ class Simulation:
         self.stats.keyless_cached = self.keyless_cached
 
     def stop(self) -> list[Any]:
+        """Stop every module; the delayed calls left (none, if all is well)."""
         for proc in self.procs.values():
             self.settle(proc.module.stop())
         self.network.flush()
         return list(self.clock.getDelayedCalls())
+
+    def close(self) -> None:
+        """Close every database (a soak opens thousands)."""
+        for store in self.stores:
+            store.close()
+        self.stores = []

@@ -82,6 +82,10 @@ def _ignore(call: DelayedCall) -> None:
     return None
 
 
+def _nothing() -> None:
+    return None
+
+
 class CrashableStore:
     """A :class:`Store` that stops answering when its process dies.
 
@@ -101,6 +105,12 @@ class CrashableStore:
 
     def disarm(self) -> None:
         self._countdown = None
+
+    def kill(self) -> None:
+        """The process died: no call runs any more."""
+        self.dead = True
+        self._countdown = None
+        self._on_crash = _nothing  # the remains must not keep the simulation alive
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.inner, name)

@@ -92,6 +92,8 @@ class ConvergenceTests(SynchronousTestCase):
             except Exception as e:  # report the seed, keep going
                 failures.append(f"seed {seed}: {type(e).__name__}: {e}")
                 continue
+            finally:
+                sim.close()
             results.append(sim.stats)
             failures.extend(f"seed {seed}: {f}" for f in _check(sim, problems, leaked))
         print(report(results))
@@ -107,6 +109,7 @@ class ConvergenceTests(SynchronousTestCase):
     def test_a_seed_replays_exactly(self) -> None:
         def trace(seed: int) -> tuple[list[Any], Stats]:
             sim = Simulation(self, seed)
+            self.addCleanup(sim.close)
             sim.run_workload()
             self.assertEqual(sim.converge(), [])
             self.assertEqual(sim.stop(), [])

@@ -45,7 +45,7 @@ class CrashableStoreTests(SynchronousTestCase):
 
         def crash() -> None:
             self.crashes.append(None)
-            self.store.dead = True
+            self.store.kill()
 
         self.store = CrashableStore(self.inner, crash)
 
