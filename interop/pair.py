@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Mapping, Optional, TypeVar
 from urllib.parse import quote
 
 from twisted.trial.unittest import TestCase
@@ -43,6 +43,8 @@ class PairTestCase(TestCase):
 
     #: trial's per-test limit: start-up, the scenario and the stops
     timeout = 420
+    #: merged into our server's configuration
+    ours_config: Mapping[str, Any] = {}
 
     synapse: SynapseServer
     ours: DevicelistServer
@@ -65,7 +67,7 @@ class PairTestCase(TestCase):
         self.synapse = SynapseServer(f"{workdir}/synapse")
         self.addCleanup(self.synapse.stop)
         self.synapse.start(timeout=180)
-        self.ours = DevicelistServer(f"{workdir}/ours")
+        self.ours = DevicelistServer(f"{workdir}/ours", extra_config=self.ours_config)
         self.addCleanup(self.ours.stop)
         self.ours.start(timeout=60)
 
