@@ -9,10 +9,25 @@ fields and signatures survive a round trip.  The parsers live in
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 JsonDict = dict[str, Any]
+
+
+def copy_json(value: Any) -> Any:
+    """A deep copy of a JSON value (dicts, lists, strings, numbers, booleans,
+    None), several times faster than :func:`copy.deepcopy`, which it falls
+    back to for anything else."""
+    if isinstance(value, dict):
+        return {k: copy_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [copy_json(v) for v in value]
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    return copy.deepcopy(value)
+
 
 EDU_DEVICE_LIST_UPDATE = "m.device_list_update"
 EDU_SIGNING_KEY_UPDATE = "m.signing_key_update"

@@ -17,7 +17,6 @@ Pure: no twisted, no I/O, no clock.
 
 from __future__ import annotations
 
-import copy
 import ipaddress
 import json
 import re
@@ -34,6 +33,7 @@ from devicelist_plugin.core.models import (
     RemoteDevice,
     SigningKeyUpdate,
     UserDevicesResponse,
+    copy_json,
 )
 
 __all__ = [
@@ -379,7 +379,7 @@ def parse_device_keys(
         algorithms=algorithms,
         keys=keys,
         signatures=signatures,
-        raw=copy.deepcopy(d),
+        raw=copy_json(d),
     )
 
 
@@ -420,7 +420,7 @@ def parse_cross_signing_key(
         usage=usage,
         keys=keys,
         signatures=signatures,
-        raw=copy.deepcopy(d),
+        raw=copy_json(d),
     )
 
 

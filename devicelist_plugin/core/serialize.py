@@ -11,8 +11,6 @@ Pure: no twisted, no I/O, no clock.
 
 from __future__ import annotations
 
-import copy
-
 from devicelist_plugin.core.models import (
     CrossSigningKey,
     DeviceKeys,
@@ -21,6 +19,7 @@ from devicelist_plugin.core.models import (
     RemoteDevice,
     SigningKeyUpdate,
     UserDevicesResponse,
+    copy_json,
 )
 
 __all__ = [
@@ -35,12 +34,12 @@ __all__ = [
 
 def device_keys_to_json(keys: DeviceKeys) -> JsonDict:
     """The device keys object as received (a deep copy of ``raw``)."""
-    return copy.deepcopy(keys.raw)
+    return copy_json(keys.raw)
 
 
 def cross_signing_key_to_json(key: CrossSigningKey) -> JsonDict:
     """The cross-signing key object as received (a deep copy of ``raw``)."""
-    return copy.deepcopy(key.raw)
+    return copy_json(key.raw)
 
 
 def device_list_update_to_json(u: DeviceListUpdate) -> JsonDict:
