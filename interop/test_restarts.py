@@ -91,3 +91,42 @@ class RestartTests(PairTestCase):
         # Synapse's retried EDUs continued the chain our database kept: the
         # restarted process (its counters start at zero) fetched nothing
         self.assertEqual(self.ours.user_devices_fetches(), 0)
+
+
+class LongOutageTests(PairTestCase):
+    # failing for 2 s makes Synapse a long-dead destination for us
+    ours_config = {"federation": {"destination_max_retry_interval": "2s"}}
+
+    def test_synapse_down_past_our_dead_destination_limit(self) -> None:
+        """Our queue for a long-dead Synapse is compacted into chain resets;
+        once it is back, our next update has ``prev_id: []`` and Synapse
+        re-fetches the list once, then agrees with us."""
+        bob = self.bob
+        token, phone = self.ours.login(bob, PASSWORD, device_id="BOBPHONE")
+        self.ours.client_ok("POST", f"{V3}/keys/upload", token,
+                            {"device_keys": ClientDevice(bob, phone).device_keys()})
+        self.eventually(lambda: phone in self.synapse_view(bob) or None, "bob's phone on Synapse")
+        self.settle()
+        fetches = self.synapse_fetches_of_ours()
+
+        self.synapse.stop()
+        self.ours.rename_device(token, phone, "renamed during a long outage")
+        token2, laptop = self.ours.login(bob, PASSWORD, device_id="BOBLAPTOP")
+        self.ours.client_ok("POST", f"{V3}/keys/upload", token2,
+                            {"device_keys": ClientDevice(bob, laptop).device_keys()})
+        marker = f"{self.synapse.server_name} has been unreachable"
+        self.eventually(lambda: self.ours_logged(marker), "our queue for Synapse compacted")
+
+        self.synapse.start(timeout=120)
+        self.eventually(lambda: self.synapse_view(bob) == self.our_view(bob) or None,
+                        "Synapse's view of bob after the outage")
+        view = self.synapse_view(bob)
+        self.assertEqual(sorted(view), sorted([phone, laptop]))
+        self.assertEqual(view[phone]["unsigned"]["device_display_name"],
+                         "renamed during a long outage")
+        self.settle()
+        self.assertEqual(self.synapse_fetches_of_ours(), fetches + 1)
+
+    def ours_logged(self, marker: str) -> bool:
+        with open(self.ours.output_path, encoding="utf-8", errors="replace") as f:
+            return any(marker in line for line in f)

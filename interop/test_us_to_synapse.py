@@ -25,6 +25,7 @@ class UsToSynapseTests(PairTestCase):
         # first contact: our join fan-out (prev_id []) made Synapse fetch once
         self.eventually(lambda: self.synapse_fetches_of_ours() >= 1 or None,
                         "Synapse's first-contact fetch of bob's list")
+        self.settle()  # Synapse stores the snapshot after logging the fetch
         first_contact = self.synapse_fetches_of_ours()
         self.assertEqual(first_contact, 1)
 
