@@ -32,7 +32,7 @@ Once the faults stop (every crashed server restarted), for every seed:
 Seeds: ``SIM_SEEDS`` (default ``0-199``); a failing seed is printed with the
 command that replays it, e.g.
 ``SIM_SEEDS=7 trial tests.simulation.test_convergence``; a soak:
-``SIM_SEEDS=0-1999``.
+``SIM_SEEDS=200-799`` (any range).
 """
 
 from __future__ import annotations
