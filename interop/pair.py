@@ -43,8 +43,9 @@ class PairTestCase(TestCase):
 
     #: trial's per-test limit: start-up, the scenario and the stops
     timeout = 420
-    #: merged into our server's configuration
+    #: merged into each server's configuration
     ours_config: Mapping[str, Any] = {}
+    synapse_config: Mapping[str, Any] = {}
 
     synapse: SynapseServer
     ours: DevicelistServer
@@ -64,7 +65,7 @@ class PairTestCase(TestCase):
             self.addCleanup(shutil.rmtree, workdir, True)
         # each server takes its ports just before it starts: the shorter the
         # wait, the less likely another process takes one meanwhile
-        self.synapse = SynapseServer(f"{workdir}/synapse")
+        self.synapse = SynapseServer(f"{workdir}/synapse", extra_config=self.synapse_config)
         self.addCleanup(self.synapse.stop)
         self.synapse.start(timeout=180)
         self.ours = DevicelistServer(f"{workdir}/ours", extra_config=self.ours_config)
