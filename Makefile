@@ -36,7 +36,7 @@ interop: $(VENV)/.installed
 
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
-	$(BIN)/ruff check --select F devicelist_plugin tests twisted bench examples
+	$(BIN)/ruff check --select F devicelist_plugin tests twisted bench examples interop
 
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp* .mypy_cache .hypothesis
