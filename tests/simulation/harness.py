@@ -303,6 +303,8 @@ class Simulation:
         if rng.random() >= self.crash_rate:
             return
         running = [n for n in SERVERS if self.up(n)]
+        if not running:
+            return
         name = rng.choice(running)
         kind = rng.choice(CRASH_KINDS)
         if kind == "idle":
