@@ -184,19 +184,22 @@ class LocalEndpointsTests(SynchronousTestCase):
         self.assertEqual(state.snapshot_stream_id, 7)
 
     def test_stream_id_names_the_next_edu(self) -> None:
-        # B has updates pending for A; serving the snapshot covers them and
+        # B has updates pending for A; serving the snapshot covers the device
+        # changes (not the signing-key one, which carries no stream id) and
         # makes its stream_id what the next EDU to A names as prev_id
         self.assertNotEqual(self.successResultOf(self.b_store.get_pending(A, 100)), [])
         _, body = self.call("GET", devices_path(ALICE))
         s = body["stream_id"]
-        self.assertEqual(self.successResultOf(self.b_store.get_pending(A, 100)), [])
+        signing_key_row = PendingRow(ALICE, None, 6)
+        self.assertEqual(self.successResultOf(self.b_store.get_pending(A, 100)), [signing_key_row])
         self.assertEqual(
             self.successResultOf(self.b_store.get_unreferenced(A, [ALICE])), {ALICE: frozenset({s})}
         )
         # a later change goes out chained from the snapshot
         self.successResultOf(self.handler.rename_device(ALICE, "PHONE", "new name"))
         self.assertEqual(
-            self.successResultOf(self.b_store.get_pending(A, 100)), [PendingRow(ALICE, "PHONE", s + 1)]
+            self.successResultOf(self.b_store.get_pending(A, 100)),
+            [signing_key_row, PendingRow(ALICE, "PHONE", s + 1)],
         )
         # a transaction that was in flight during the snapshot (ids <= s) is
         # acknowledged late: the correlation survives
