@@ -31,7 +31,10 @@ Then the victim restarts on the same data, and the test checks:
   are exactly the model (nothing lost, nothing extra), and every server's
   cache of every remote user (admin API: devices with names and keys, master
   and self-signing keys, not stale) equals that user's real list within
-  :data:`CONVERGE_S` seconds.
+  :data:`CONVERGE_S` seconds, and ``/keys/query`` answers the same on all;
+* no server received an update whose ``prev_id`` it lacked
+  (:data:`GAP_REASONS`): the chains go on across the kill, with no resync to
+  hide a gap.
 
 Every wait is bounded; the servers are stopped by pid and their directories
 removed by the test's cleanups.
