@@ -482,7 +482,7 @@ def _error_from_body(
     message = phrase.decode("ascii", "replace")
     try:
         parsed = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         parsed = None
     if isinstance(parsed, dict):
         if isinstance(parsed.get("errcode"), str):

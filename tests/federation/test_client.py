@@ -298,6 +298,14 @@ class ResponseTests(ClientTestCase):
         error = self.failureResultOf(d, HttpResponseError).value
         self.assertEqual((error.code, error.errcode, error.message), (404, None, "Not Found"))
 
+    def test_error_response_nested_too_deep(self) -> None:
+        # the error body of a hostile server: json.loads raised RecursionError
+        self.resource.code = 400
+        self.resource.body = b"[" * 100_000
+        d = Deferred.fromCoroutine(self.client.get_json(DEST, "/x"))
+        error = self.failureResultOf(d, HttpResponseError).value
+        self.assertEqual((error.code, error.errcode), (400, None))
+
     def test_error_text_truncated(self) -> None:
         self.resource.code = 403
         self.resource.body = json.dumps({"errcode": "M_FORBIDDEN", "error": "x" * 5000}).encode()
