@@ -573,7 +573,7 @@ def _no_such_record(e: DomainError) -> bool:
 def _parse_well_known(url: str, body: bytes) -> str:
     try:
         parsed = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise _WellKnownFailure(
             f"{url}: not JSON: {body[:_MAX_LOGGED_BODY]!r}", temporary=False
         ) from None

@@ -316,6 +316,7 @@ class WellKnownTests(DiscoveryTestCase):
         bad: list[WellKnownResponse] = [
             well_known(b"{not json"),
             well_known(b"\xff\xfe"),
+            well_known(b"[" * 5_000),  # json.loads: RecursionError
             well_known(["m.server"]),
             well_known({"m.servers": "matrix.example.net"}),
             well_known({"m.server": 8448}),
