@@ -59,6 +59,7 @@ from devicelist_plugin.core.models import JsonDict
 from .agent import ResponseTooLarge, read_body, request_target
 from .discovery import ServerResolutionError
 from .ipfilter import BlockedAddressError
+from .resource import utf8_encodable
 
 #: ``(method, destination, uri, content) -> Authorization header value``.
 #: ``uri`` is the request target as sent (path and ``?query``); ``content`` is
@@ -470,6 +471,11 @@ def _parse_json_object(raw: bytes, destination: str) -> JsonDict:
         raise InvalidResponseError(
             f"response is JSON {type(parsed).__name__}, not an object",
             destination=destination,
+        )
+    if b"\\u" in raw and not utf8_encodable(parsed):
+        # nothing in it could be stored, signed or logged as UTF-8
+        raise InvalidResponseError(
+            "response has a lone surrogate escape", destination=destination
         )
     return parsed
 

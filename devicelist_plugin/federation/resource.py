@@ -218,8 +218,9 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"invalid JSON constant {name}")
 
 
-def _encodable(value: object) -> bool:
-    """Whether every string (and key) in ``value`` can be encoded as UTF-8."""
+def utf8_encodable(value: object) -> bool:
+    """Whether every string (and key) in parsed JSON ``value`` can be encoded
+    as UTF-8: false when the text had a lone surrogate escape (``"\\ud800"``)."""
     try:
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
@@ -236,7 +237,7 @@ def parse_json_object(body: bytes) -> JsonDict:
         # RecursionError: nesting deeper than the parser's stack (a few
         # hundred bytes of "[[[..." is enough)
         raise MatrixError(400, M_NOT_JSON, "Content not JSON.") from None
-    if "\\u" in text and not _encodable(value):
+    if "\\u" in text and not utf8_encodable(value):
         # a "\ud800" escape is valid JSON text but no UTF-8 string: it
         # could be neither stored, signed, logged nor echoed in an error
         raise MatrixError(400, M_NOT_JSON, "Content has a lone surrogate escape.")

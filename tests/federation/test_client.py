@@ -298,6 +298,17 @@ class ResponseTests(ClientTestCase):
         error = self.failureResultOf(d, HttpResponseError).value
         self.assertEqual((error.code, error.errcode, error.message), (404, None, "Not Found"))
 
+    def test_lone_surrogate_escape_is_an_invalid_response(self) -> None:
+        # found by tests.fuzz on our own endpoints, then here: a remote
+        # /user/devices answer with "\ud800" reached SQLite, every resync
+        # failed with an unexpected error and was retried, logged each time
+        self.resource.body = b'{"devices": [{"device_display_name": "a\\ud800"}]}'
+        d = Deferred.fromCoroutine(self.client.get_json(DEST, "/x"))
+        self.failureResultOf(d, InvalidResponseError)
+        self.resource.body = b'{"name": "\\ud83d\\ude00"}'  # an escaped pair is fine
+        d = Deferred.fromCoroutine(self.client.get_json(DEST, "/x"))
+        self.assertEqual(self.successResultOf(d), {"name": "\U0001f600"})
+
     def test_error_response_nested_too_deep(self) -> None:
         # the error body of a hostile server: json.loads raised RecursionError
         self.resource.code = 400
