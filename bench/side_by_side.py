@@ -17,8 +17,9 @@ ratio, and writes everything as JSON.  Scenarios (``--only``, repeatable):
     ``m.device_list_update`` EDUs (100 per user, round-robin over the users)
     in 200 signed transactions of 100, sent one after the other; measured
     until the target's client ``/keys/query`` shows every user's last
-    change.  EDUs applied/s, ``/user/devices`` fetches the fake peer served
-    meanwhile (resyncs), RSS and database growth.
+    change.  EDUs applied/s, the server's CPU time per EDU,
+    ``/user/devices`` fetches the fake peer served meanwhile (resyncs), RSS
+    and database growth.
 ``latency``
     A client logs in a new device, then uploads its keys; time from the
     upload request to the EDU carrying the keys arriving at the fake peer
@@ -31,7 +32,12 @@ ratio, and writes everything as JSON.  Scenarios (``--only``, repeatable):
     A local user with 10,000 devices (seeded into the database): time of
     ``GET /user/devices``; and a remote user with 10,000 devices: time from
     the EDU that makes the target resync it to its ``/keys/query`` showing
-    all 10,000 (polled every 0.25 s).
+    its last device (polled every 0.25 s, one device asked for).
+
+Both servers run throughout; the one not being measured is idle.  The serve
+runs of the two alternate.  ``--profile DIR`` records the servers with
+``py-spy`` during the inbound run, the concurrency-16 serve runs and the big
+resync (collapsed stacks).
 
 Run from the repository root (needs ``wrk`` and a Synapse virtualenv, see
 ``interop/synapse.py``)::
@@ -494,7 +500,16 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="py-spy the servers during the inbound run and the c=16 serve runs, "
                              "stacks into DIR")
     parser.add_argument("--keep", action="store_true", help="keep the servers' directories")
+    parser.add_argument("--report", metavar="JSON",
+                        help="print the table of an earlier run's JSON and exit")
     args = parser.parse_args(argv)
+    if args.report:
+        with open(args.report) as f:
+            earlier = json.load(f)
+        print(table(earlier.get("ours", {}), earlier.get("synapse", {})))
+        print(f"started {earlier['started']}, load average before {earlier['load_before']}, "
+              f"after {earlier['load_after']}")
+        return
     only = args.only or list(SCENARIOS)
     kinds = args.servers or ["ours", "synapse"]
 
