@@ -5,15 +5,13 @@ sitting out the 5-minute user backoff (found by the convergence simulation)."""
 
 from __future__ import annotations
 
-from signedjson.key import generate_signing_key
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from devicelist_plugin.core.backoff import BackoffPolicy
 from devicelist_plugin.membership import InMemoryMembership
-from devicelist_plugin.module import DeviceListModule, ModuleConfig
-from devicelist_plugin.storage import Store, open_sqlite_store
+from devicelist_plugin.module import DeviceListModule
 from tests.helpers import FakeNetwork, FaultKind
+from tests.simulation.modules import start_module
 
 A, B = "a.test", "b.test"
 ALICE, BOB = "@alice:a.test", "@bob:b.test"
@@ -23,24 +21,7 @@ RESYNC = "/_matrix/federation/v1/user/devices/"
 
 class ResyncAnswered401(SynchronousTestCase):
     def make(self, name: str) -> DeviceListModule:
-        store: Store = self.successResultOf(
-            open_sqlite_store(":memory:", MemoryReactorClock(), synchronous=True)
-        )
-        self.addCleanup(store.close)
-        module = DeviceListModule(
-            name,
-            [generate_signing_key("k1")],
-            store,
-            self.clock,
-            self.network.agent_for(name),
-            InMemoryMembership(name),
-            ModuleConfig(retry_policy=BackoffPolicy(min_interval=1, multiplier=2, max_interval=60)),
-            jitter=lambda low, high: 1.0,
-        )
-        self.network.add_server(name, module.root)
-        self.successResultOf(module.start())
-        self.addCleanup(lambda: self.successResultOf(module.stop()))
-        return module
+        return start_module(self, name, self.clock, self.network, InMemoryMembership(name))
 
     def test_401_backs_off_the_server_not_the_user(self) -> None:
         self.clock = MemoryReactorClock()

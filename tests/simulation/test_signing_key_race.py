@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import random
 
-from signedjson.key import generate_signing_key
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from devicelist_plugin.core.backoff import BackoffPolicy
 from devicelist_plugin.membership import InMemoryMembership
-from devicelist_plugin.module import DeviceListModule, ModuleConfig
-from devicelist_plugin.storage import Store, open_sqlite_store
+from devicelist_plugin.module import DeviceListModule
 from tests.helpers import FakeNetwork, FaultKind
+from tests.simulation.modules import start_module
 from tests.simulation.harness import SEND_PREFIX, cross_signing_upload
 
 A, B = "a.test", "b.test"
@@ -28,24 +26,8 @@ ROOM = "!room:a.test"
 
 class SnapshotDuringSigningKeyUpdate(SynchronousTestCase):
     def make(self, name: str) -> DeviceListModule:
-        store: Store = self.successResultOf(
-            open_sqlite_store(":memory:", MemoryReactorClock(), synchronous=True)
-        )
-        self.addCleanup(store.close)
         membership = InMemoryMembership(name)
-        module = DeviceListModule(
-            name,
-            [generate_signing_key("k1")],
-            store,
-            self.clock,
-            self.network.agent_for(name),
-            membership,
-            ModuleConfig(retry_policy=BackoffPolicy(min_interval=1, multiplier=2, max_interval=60)),
-            jitter=lambda low, high: 1.0,
-        )
-        self.network.add_server(name, module.root)
-        self.successResultOf(module.start())
-        self.addCleanup(lambda: self.successResultOf(module.stop()))
+        module = start_module(self, name, self.clock, self.network, membership)
         membership.join(ROOM, ALICE)
         membership.join(ROOM, BOB)
         return module
