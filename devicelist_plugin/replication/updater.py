@@ -90,7 +90,7 @@ import inspect
 import random
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Any, Awaitable, Callable, Mapping, Optional, Protocol
+from typing import Any, Awaitable, Callable, Mapping, Optional, Protocol, Sequence
 from urllib.parse import quote
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
@@ -137,7 +137,8 @@ from devicelist_plugin.replication.inbound_concurrency import (
 )
 from devicelist_plugin.replication.retry import DestinationRetryTracker
 from devicelist_plugin.storage.interface import IDeviceListStore
-from devicelist_plugin.storage.types import InboxEntry, RemoteSyncState
+from devicelist_plugin.storage.codec import loads
+from devicelist_plugin.storage.types import QueuedUpdate, RemoteSyncState
 
 __all__ = [
     "ChangeListener",
@@ -742,16 +743,14 @@ class RemoteDeviceListUpdater:
                 await self._drop(user_id, "no longer shares a room")
                 return
             if not await self._membership.is_tracked(user_id):
-                sync = await self._store.get_remote_sync_state(user_id)
-                entries = await self._store.get_remote_inbox(user_id)
-                if sync is not None or entries:
+                inbox = await self._store.get_remote_inbox_state(user_id)
+                if inbox.state is not None or inbox.entries:
                     await self._drop(user_id, "not tracked")
                 return
-            sync = await self._store.get_remote_sync_state(user_id)
-            entries = await self._store.get_remote_inbox(user_id)
-            if entries:
-                if await self._process_batch(user_id, slot, sync, entries):
-                    sync = await self._store.get_remote_sync_state(user_id)
+            inbox = await self._store.get_remote_inbox_state(user_id)
+            sync = inbox.state
+            if inbox.entries:
+                sync = await self._process_batch(user_id, slot, sync, inbox.entries)
             elif slot.hold_call is not None:
                 if slot.hold_call.active():
                     slot.hold_call.cancel()
@@ -800,9 +799,10 @@ class RemoteDeviceListUpdater:
         user_id: str,
         slot: _UserSlot,
         sync: Optional[RemoteSyncState],
-        entries: list[InboxEntry],
-    ) -> bool:
-        """Decide on the queued EDUs and commit; True if anything was written."""
+        entries: Sequence[QueuedUpdate],
+    ) -> Optional[RemoteSyncState]:
+        """Decide on the queued EDUs and commit; return the sync state
+        afterwards (``sync`` itself when nothing was written)."""
         updates: list[DeviceListUpdate] = []
         unusable: list[int] = []
         for entry in entries:
@@ -811,7 +811,7 @@ class RemoteDeviceListUpdater:
                 updates.append(kept)
                 continue
             try:
-                update = parse_device_list_update(entry.content)
+                update = parse_device_list_update(loads(entry.content_json))
             except ParseError as e:
                 self.log.warn(
                     "Dropping a queued EDU of {user_id} that no longer parses: {error}",
@@ -852,11 +852,12 @@ class RemoteDeviceListUpdater:
                 user_id, decision.applied, known, processed, mark, self._now_ms()
             )
             changed = result.changed_device_ids
+            sync = result.state
         self._count_decision(user_id, decision, mark)
         if changed:
             self._notify(RemoteDeviceListChange(user_id, changed))
         self._arm_hold(user_id, slot, decision, received)
-        return wrote
+        return sync
 
     def _count_decision(self, user_id: str, decision: BatchDecision, mark: Optional[str]) -> None:
         for d in decision.decisions:

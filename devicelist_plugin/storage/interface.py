@@ -38,6 +38,7 @@ from devicelist_plugin.storage.types import (
     LocalUserKeys,
     PendingRow,
     RemoteBatchResult,
+    RemoteInbox,
     RemoteSyncState,
     RemoteUserCache,
     RetryState,
@@ -463,7 +464,8 @@ class IDeviceListStore(Protocol):
         (when not None) replaces the known stream ids; ``stale_reason``
         (when not None) makes a stale mark, whose generation is returned;
         the inbox rows of ``processed_stream_ids`` are deleted.  Returns the
-        device ids whose entry changed.
+        device ids whose entry changed and the sync state as the transaction
+        left it (what ``get_remote_sync_state`` would read right after).
         """
 
     def mark_remote_stale(self, user_id: str, reason: str, now_ms: int) -> "Deferred[int]":
@@ -525,6 +527,11 @@ class IDeviceListStore(Protocol):
 
     def get_remote_inbox(self, user_id: str) -> "Deferred[list[InboxEntry]]":
         """The user's queued EDUs in stream id order."""
+
+    def get_remote_inbox_state(self, user_id: str) -> "Deferred[RemoteInbox]":
+        """The user's sync state and queued EDUs (contents as JSON text), read
+        in one transaction: ``get_remote_sync_state`` and ``get_remote_inbox``
+        in one round trip."""
 
     def list_remote_inbox_users(self) -> "Deferred[list[str]]":
         """The users with queued EDUs, sorted."""

@@ -51,6 +51,7 @@ from devicelist_plugin.storage.types import (
     KIND_SIGNING_KEY,
     CrossSigningSignature,
     InboxEntry,
+    QueuedUpdate,
     InflightTransaction,
     JsonDict,
     KeyedDevice,
@@ -59,6 +60,7 @@ from devicelist_plugin.storage.types import (
     LocalUserKeys,
     PendingRow,
     RemoteBatchResult,
+    RemoteInbox,
     RemoteSyncState,
     RemoteUserCache,
     RetryState,
@@ -1594,7 +1596,8 @@ class Store:
                 "DELETE FROM remote_device_inbox WHERE user_id = ? AND stream_id = ?",
                 [(user_id, stream_id) for stream_id in processed],
             )
-            return RemoteBatchResult(tuple(sorted(changed)), generation)
+            state = self._read_remote_sync_state(t, user_id)
+            return RemoteBatchResult(tuple(sorted(changed)), generation, state)
 
         return self.database.run("apply_remote_batch", txn)
 
@@ -1807,19 +1810,35 @@ class Store:
 
         return self.database.run("queue_remote_update", txn)
 
+    @staticmethod
+    def _read_remote_inbox(t: Txn, user_id: str) -> list[QueuedUpdate]:
+        rows = t.query(
+            "SELECT stream_id, content_json, received_ts FROM remote_device_inbox"
+            " WHERE user_id = ? ORDER BY stream_id",
+            (user_id,),
+        )
+        return [
+            QueuedUpdate(user_id, int(stream_id), text, int(received))
+            for stream_id, text, received in rows
+        ]
+
     def get_remote_inbox(self, user_id: str) -> "Deferred[list[InboxEntry]]":
         def txn(t: Txn) -> list[InboxEntry]:
-            rows = t.query(
-                "SELECT stream_id, content_json, received_ts FROM remote_device_inbox"
-                " WHERE user_id = ? ORDER BY stream_id",
-                (user_id,),
-            )
             return [
-                InboxEntry(user_id, int(stream_id), loads(text), int(received))
-                for stream_id, text, received in rows
+                InboxEntry(user_id, e.stream_id, loads(e.content_json), e.received_ts)
+                for e in self._read_remote_inbox(t, user_id)
             ]
 
         return self.database.run("get_remote_inbox", txn, readonly=True)
+
+    def get_remote_inbox_state(self, user_id: str) -> "Deferred[RemoteInbox]":
+        def txn(t: Txn) -> RemoteInbox:
+            return RemoteInbox(
+                state=self._read_remote_sync_state(t, user_id),
+                entries=tuple(self._read_remote_inbox(t, user_id)),
+            )
+
+        return self.database.run("get_remote_inbox_state", txn, readonly=True)
 
     def list_remote_inbox_users(self) -> "Deferred[list[str]]":
         def txn(t: Txn) -> list[str]:

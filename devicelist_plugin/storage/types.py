@@ -245,6 +245,29 @@ class InboxEntry:
 
 
 @dataclass(frozen=True)
+class QueuedUpdate:
+    """An inbox row as stored: like :class:`InboxEntry`, but its content is
+    still JSON text, so a reader holding its own parse of the EDU (the
+    updater keeps the ones it queued) need not decode it again."""
+
+    user_id: str
+    stream_id: int
+    # the EDU's content as received, JSON-encoded
+    content_json: str
+    received_ts: int
+
+
+@dataclass(frozen=True)
+class RemoteInbox:
+    """A remote user's sync state and queued EDUs, read in one transaction."""
+
+    # None for an untracked user (see ``get_remote_sync_state``)
+    state: Optional[RemoteSyncState]
+    # in stream id order
+    entries: tuple[QueuedUpdate, ...]
+
+
+@dataclass(frozen=True)
 class RemoteBatchResult:
     """What :meth:`apply_remote_batch` did."""
 
@@ -252,6 +275,8 @@ class RemoteBatchResult:
     changed_device_ids: tuple[str, ...]
     # the new stale generation when a stale mark was made, else None
     stale_generation: Optional[int]
+    # the user's sync state as the batch left it (read in its transaction)
+    state: Optional[RemoteSyncState]
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,13 @@ from devicelist_plugin.core.models import (
     UserDevicesResponse,
 )
 from devicelist_plugin.storage import Store
-from devicelist_plugin.storage.types import InboxEntry, RemoteBatchResult, StaleRemoteUser
+from devicelist_plugin.storage.types import (
+    InboxEntry,
+    QueuedUpdate,
+    RemoteBatchResult,
+    RemoteInbox,
+    StaleRemoteUser,
+)
 from tests.helpers.store import PostgresStoreCase, SQLiteStoreCase
 
 if TYPE_CHECKING:
@@ -102,7 +108,11 @@ class InboundStoreTestsMixin(_Base):
         result = await store.apply_remote_batch(
             U, [update("D1", 5, name="five"), update("D2", 6)], frozenset({5, 6}), [], None, 1000
         )
-        self.assertEqual(result, RemoteBatchResult(("D1", "D2"), None))
+        self.assertEqual(
+            result, RemoteBatchResult(("D1", "D2"), None, await store.get_remote_sync_state(U))
+        )
+        assert result.state is not None
+        self.assertEqual(result.state.known_ids, frozenset({5, 6}))
         # a late update of D1 (stream 4 < 5) changes nothing; D2 at 7 does
         result = await store.apply_remote_batch(
             U, [update("D1", 4, name="four"), update("D2", 7, name="seven")], {4, 5, 6, 7}, [], None, 1000
@@ -141,9 +151,9 @@ class InboundStoreTestsMixin(_Base):
         result = await store.apply_remote_batch(
             U, [update("D1", 11, name="applied")], {11}, [], "unknown_prev_id", 2000
         )
-        self.assertEqual(result, RemoteBatchResult(("D1",), 1))
         state = await store.get_remote_sync_state(U)
         assert state is not None
+        self.assertEqual(result, RemoteBatchResult(("D1",), 1, state))
         self.assertTrue(state.stale)
         self.assertEqual((state.stale_reason, state.stale_since_ts), ("unknown_prev_id", 2000))
         self.assertEqual(await self.devices(store), {"D1": "applied"})
@@ -161,14 +171,24 @@ class InboundStoreTestsMixin(_Base):
             await store.get_remote_inbox(U),
             [InboxEntry(U, 2, {"n": 2}, 200), InboxEntry(U, 3, {"n": 3}, 100)],
         )
+        self.assertEqual(
+            await store.get_remote_inbox_state(U),
+            RemoteInbox(
+                None, (QueuedUpdate(U, 2, '{"n":2}', 200), QueuedUpdate(U, 3, '{"n":3}', 100))
+            ),
+        )
         self.assertEqual(await store.list_remote_inbox_users(), [OTHER, U])
         # deleting processed rows alone creates no sync row
-        await store.apply_remote_batch(U, [], None, [2], None, 1)
+        result = await store.apply_remote_batch(U, [], None, [2], None, 1)
+        self.assertIsNone(result.state)
         self.assertIsNone(await store.get_remote_sync_state(U))
         self.assertEqual([e.stream_id for e in await store.get_remote_inbox(U)], [3])
         # a snapshot keeps the inbox (the updater re-runs it); a drop does not
         await store.replace_remote_snapshot(U, snapshot(1), 0, 1)
         self.assertEqual([e.stream_id for e in await store.get_remote_inbox(U)], [3])
+        inbox = await store.get_remote_inbox_state(U)
+        self.assertEqual(inbox.state, await store.get_remote_sync_state(U))
+        self.assertEqual([e.stream_id for e in inbox.entries], [3])
         await store.drop_remote_user(U)
         self.assertEqual(await store.get_remote_inbox(U), [])
         self.assertEqual(await store.list_remote_inbox_users(), [OTHER])

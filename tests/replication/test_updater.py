@@ -478,7 +478,7 @@ class StaleMarkAcrossProcessesTests(InboundCase):
                 user_id, content["stream_id"], content, self.a.updater._now_ms()
             )
         )
-        entries = self.successResultOf(self.a.store.get_remote_inbox(user_id))
+        entries = self.successResultOf(self.a.store.get_remote_inbox_state(user_id)).entries
         self.successResultOf(
             Deferred.fromCoroutine(
                 self.a.updater._process_batch(
