@@ -13,13 +13,10 @@ plain-HTTP loopback listener with treq.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +38,8 @@ from twisted.web.client import URI, Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.http_headers import Headers
 
+from devicelist_plugin.client.registration import registration_mac
+from interop.common import free_port
 from tests.local.keys import ClientDevice
 
 __all__ = [
@@ -53,7 +52,6 @@ __all__ = [
     "http_client",
     "logs_of",
     "sleep",
-    "synapse_mac",
 ]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -65,22 +63,6 @@ PASSWORD = "pw"
 # bound of one HTTP request to a server, and of a process's exit after a signal
 REQUEST_TIMEOUT_S = 20
 EXIT_TIMEOUT_S = 10
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def synapse_mac(secret: str, nonce: str, user: str, password: str, admin: bool) -> str:
-    mac = hmac.new(key=secret.encode("utf8"), digestmod=hashlib.sha1)
-    for part in (nonce, user, password):
-        mac.update(part.encode("utf8"))
-        mac.update(b"\x00")
-    mac.update(b"admin" if admin else b"notadmin")
-    return mac.hexdigest()
 
 
 @implementer(IAgentEndpointFactory)
@@ -291,7 +273,7 @@ class ServerProcess:
         nonce = (await self.ok("GET", REGISTER))["nonce"]
         body = {
             "nonce": nonce, "username": username, "password": PASSWORD, "admin": admin,
-            "mac": synapse_mac(self.secret, nonce, username, PASSWORD, admin),
+            "mac": registration_mac(self.secret, nonce, username, PASSWORD, admin),
             "inhibit_login": inhibit_login,
         }
         user_id: str = (await self.ok("POST", REGISTER, body))["user_id"]
