@@ -160,6 +160,7 @@ class SqliteDialect(Dialect):
     substitutions = {
         "BIGSERIAL_PRIMARY_KEY": "INTEGER PRIMARY KEY AUTOINCREMENT",
         "BLOB": "BLOB",
+        "STRING_AGG": "group_concat",
     }
 
     def greatest(self, a: str, b: str) -> str:
@@ -203,6 +204,7 @@ class PostgresDialect(Dialect):
     substitutions = {
         "BIGSERIAL_PRIMARY_KEY": "BIGSERIAL PRIMARY KEY",
         "BLOB": "BYTEA",
+        "STRING_AGG": "string_agg",
     }
 
     def __init__(self) -> None:

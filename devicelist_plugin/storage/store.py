@@ -96,6 +96,15 @@ def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
         yield items[start : start + _CHUNK]
 
 
+def _known_ids_text(stream_ids: Iterable[int]) -> str:
+    """``remote_sync_state.known_stream_ids``: decimal ids, comma-separated."""
+    return ",".join(str(stream_id) for stream_id in stream_ids)
+
+
+def _known_ids_of(text: Optional[str]) -> frozenset[int]:
+    return frozenset(int(part) for part in text.split(",")) if text else frozenset()
+
+
 def _marks(n: int) -> str:
     return ", ".join("?" for _ in range(n))
 
@@ -1427,23 +1436,12 @@ class Store:
         return int(row[0]), int(row[1])
 
     def _replace_known_ids(self, t: Txn, user_id: str, known_ids: Collection[int]) -> None:
-        # Only the difference is written: each applied EDU usually adds one
-        # id and drops the oldest, and rewriting the whole window (100 rows)
-        # per EDU was most of the inbound path's database time.
-        kept = set(sorted(set(known_ids))[-self.known_ids_window :])
-        stored = {
-            int(r[0])
-            for r in t.query(
-                "SELECT stream_id FROM remote_known_stream_ids WHERE user_id = ?", (user_id,)
-            )
-        }
-        t.executemany(
-            "DELETE FROM remote_known_stream_ids WHERE user_id = ? AND stream_id = ?",
-            [(user_id, stream_id) for stream_id in sorted(stored - kept)],
-        )
-        t.executemany(
-            "INSERT INTO remote_known_stream_ids (user_id, stream_id) VALUES (?, ?)",
-            [(user_id, stream_id) for stream_id in sorted(kept - stored)],
+        """Keep the newest ``known_ids_window`` of ``known_ids`` in the user's
+        sync row (which the caller has locked, so it exists)."""
+        kept = sorted(set(known_ids))[-self.known_ids_window :]
+        t.execute(
+            "UPDATE remote_sync_state SET known_stream_ids = ? WHERE user_id = ?",
+            (_known_ids_text(kept), user_id),
         )
 
     @staticmethod
@@ -1455,19 +1453,16 @@ class Store:
     def _read_remote_sync_state(t: Txn, user_id: str) -> Optional[RemoteSyncState]:
         row = t.query_one(
             "SELECT snapshot_stream_id, stale_generation, cleared_generation, stale_reason,"
-            " stale_since_ts, last_resync_ts, resync_attempts, resync_retry_ts"
-            " FROM remote_sync_state WHERE user_id = ?",
+            " stale_since_ts, last_resync_ts, resync_attempts, resync_retry_ts,"
+            " known_stream_ids FROM remote_sync_state WHERE user_id = ?",
             (user_id,),
         )
         if row is None:
             return None
-        known = t.query(
-            "SELECT stream_id FROM remote_known_stream_ids WHERE user_id = ?", (user_id,)
-        )
         return RemoteSyncState(
             user_id=user_id,
             snapshot_stream_id=None if row[0] is None else int(row[0]),
-            known_ids=frozenset(int(r[0]) for r in known),
+            known_ids=_known_ids_of(row[8]),
             stale_generation=int(row[1]),
             cleared_generation=int(row[2]),
             stale_reason=row[3],
@@ -1767,7 +1762,6 @@ class Store:
                 "remote_devices",
                 "remote_deleted_devices",
                 "remote_cross_signing_keys",
-                "remote_known_stream_ids",
                 "remote_device_inbox",
                 "remote_sync_state",
             ):

@@ -196,6 +196,33 @@ class StoreTestsMixin(_Base):
         with self.assertRaises(Exception):
             await self.query(store, "SELECT COUNT(*) FROM broken_a")
 
+    async def test_known_ids_move_into_the_sync_row(self) -> None:
+        """Migration 7 keeps every known stream id of every remote user."""
+        shipped = load_migrations()
+        before = [m for m in shipped if m.version < 7]
+        old = await self.open_store(migrations=before)
+
+        def fill(t: Txn) -> None:
+            t.executemany(
+                "INSERT INTO remote_sync_state (user_id, snapshot_stream_id) VALUES (?, ?)",
+                [(REMOTE, 10), ("@dave:remote.test", 3), ("@erin:remote.test", None)],
+            )
+            t.executemany(
+                "INSERT INTO remote_known_stream_ids (user_id, stream_id) VALUES (?, ?)",
+                [(REMOTE, 11), (REMOTE, 12), (REMOTE, 40), ("@dave:remote.test", 4)],
+            )
+
+        await old.database.run("fill", fill)
+        await old.close()
+        store = await self.store()
+        expected = {REMOTE: {11, 12, 40}, "@dave:remote.test": {4}, "@erin:remote.test": set()}
+        for user_id, known in expected.items():
+            state = await store.get_remote_sync_state(user_id)
+            assert state is not None
+            self.assertEqual(state.known_ids, frozenset(known))
+        with self.assertRaises(Exception):
+            await self.query(store, "SELECT COUNT(*) FROM remote_known_stream_ids")
+
     async def test_concurrent_start_up_migrates_once(self) -> None:
         stores = await gatherResults([self.open_store() for _ in range(4)])
         for store in stores:
