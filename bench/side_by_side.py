@@ -128,7 +128,11 @@ def scenario_serve(targets: Sequence[Target], peer: FakeServer,
 
 class Profiler:
     """``py-spy record`` of the target process while the block runs (when
-    ``directory`` is set): collapsed stacks in ``<directory>/<target>-<name>.txt``."""
+    ``directory`` is set): collapsed stacks in ``<directory>/<target>-<name>.txt``.
+    With ``--profile-gil``, only the thread holding the GIL is sampled: the
+    stacks then add up to the process's Python CPU time."""
+
+    gil_only = False
 
     def __init__(self, directory: Optional[str], target: Target, name: str) -> None:
         self.path = (None if directory is None
@@ -140,7 +144,7 @@ class Profiler:
         if self.path is not None and self.pid is not None:
             self.process = subprocess.Popen(
                 ["py-spy", "record", "--pid", str(self.pid), "--format", "raw", "--rate", "200",
-                 "--threads", "--output", self.path],
+                 "--threads", "--output", self.path, *(["--gil"] if self.gil_only else [])],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
             time.sleep(1)
@@ -499,10 +503,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--profile", metavar="DIR",
                         help="py-spy the servers during the inbound run and the c=16 serve runs, "
                              "stacks into DIR")
+    parser.add_argument("--profile-gil", action="store_true",
+                        help="with --profile: sample only the thread holding the GIL")
     parser.add_argument("--keep", action="store_true", help="keep the servers' directories")
     parser.add_argument("--report", metavar="JSON",
                         help="print the table of an earlier run's JSON and exit")
     args = parser.parse_args(argv)
+    Profiler.gil_only = args.profile_gil
     if args.report:
         with open(args.report) as f:
             earlier = json.load(f)

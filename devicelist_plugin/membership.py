@@ -23,9 +23,9 @@ the pure functions of :mod:`devicelist_plugin.core.membership`.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable, Collection, Protocol, runtime_checkable
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
 
 from devicelist_plugin.core.membership import (
@@ -62,6 +62,31 @@ class MembershipSource(Protocol):
     def add_listener(self, listener: MembershipListener) -> None:
         """Register for the transitions described in the module docstring."""
         ...
+
+
+@runtime_checkable
+class BatchMembershipSource(MembershipSource, Protocol):
+    """A :class:`MembershipSource` that answers for many users at once
+    (both sources of this package do; a host's may)."""
+
+    def tracked_among(self, remote_user_ids: Collection[str]) -> "Deferred[frozenset[str]]":
+        """Those of ``remote_user_ids`` that share a room with a local user."""
+        ...
+
+
+def tracked_among(
+    membership: MembershipSource, remote_user_ids: Collection[str]
+) -> "Deferred[frozenset[str]]":
+    """Those of ``remote_user_ids`` that are tracked: in one call when the
+    source has ``tracked_among``, else asking :meth:`~MembershipSource.is_tracked`
+    of each."""
+    if isinstance(membership, BatchMembershipSource):
+        return membership.tracked_among(remote_user_ids)
+    users = sorted(set(remote_user_ids))
+    answers = gatherResults([membership.is_tracked(u) for u in users], consumeErrors=True)
+    return answers.addCallback(
+        lambda tracked: frozenset(u for u, yes in zip(users, tracked) if yes)
+    )
 
 
 class InMemoryMembership:
@@ -123,6 +148,9 @@ class InMemoryMembership:
 
     def is_tracked(self, remote_user_id: str) -> "Deferred[bool]":
         return succeed(self._remote_tracked(remote_user_id))
+
+    def tracked_among(self, remote_user_ids: Collection[str]) -> "Deferred[frozenset[str]]":
+        return succeed(frozenset(u for u in remote_user_ids if self._remote_tracked(u)))
 
     def add_listener(self, listener: MembershipListener) -> None:
         self._listeners.append(listener)

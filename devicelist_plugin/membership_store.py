@@ -24,7 +24,7 @@ differences that come with a database:
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Collection, Protocol
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
@@ -51,6 +51,10 @@ class MembershipStore(Protocol):
     ) -> "Deferred[frozenset[str]]": ...
 
     def is_user_tracked(self, user_id: str, own_server_name: str) -> "Deferred[bool]": ...
+
+    def get_tracked_users(
+        self, user_ids: Collection[str], own_server_name: str
+    ) -> "Deferred[frozenset[str]]": ...
 
     def get_room_members(self, room_id: str) -> "Deferred[list[str]]": ...
 
@@ -103,6 +107,9 @@ class StoreMembership:
 
     def is_tracked(self, remote_user_id: str) -> "Deferred[bool]":
         return self._store.is_user_tracked(remote_user_id, self._own)
+
+    def tracked_among(self, remote_user_ids: Collection[str]) -> "Deferred[frozenset[str]]":
+        return self._store.get_tracked_users(remote_user_ids, self._own)
 
     def add_listener(self, listener: MembershipListener) -> None:
         self._listeners.append(listener)

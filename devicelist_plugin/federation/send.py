@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import inspect
 from collections import Counter
-from typing import Awaitable, Callable, Optional, Protocol, Sequence
+from typing import Awaitable, Callable, Optional, Protocol, Sequence, Union
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -60,7 +60,9 @@ from devicelist_plugin.federation.resource import JsonRequest, JsonResource
 __all__ = [
     "DEFAULT_PRUNE_INTERVAL",
     "DEFAULT_TXN_RETENTION",
+    "BatchEduHandler",
     "EduHandler",
+    "EduOutcome",
     "MAX_EDUS",
     "MAX_PDUS",
     "PDU_NOT_HANDLED",
@@ -81,6 +83,19 @@ UNKNOWN_EDU_TYPE = "<unknown>"
 #: reason it was ignored.  Raise ``ParseError`` for malformed content; any
 #: other exception fails the transaction (500) so that the sender retries.
 EduHandler = Callable[[str, object], "Awaitable[Optional[str]] | Optional[str]"]
+
+#: What became of one EDU handed to a batch handler: None (taken), the reason
+#: it was ignored, or the ``ParseError`` that rejected it.
+EduOutcome = Union[None, str, ParseError]
+
+#: ``handler(origin, contents)``: the contents of all the transaction's EDUs
+#: of one type at once, answered with an outcome each, in order; an
+#: exception fails the transaction as for :data:`EduHandler`.
+BatchEduHandler = Callable[[str, Sequence[object]], Awaitable[Sequence[EduOutcome]]]
+
+
+# (index in the transaction, edu_type, outcome)
+_Outcome = tuple[int, str, EduOutcome]
 
 
 class ReceivedTransactionStore(Protocol):
@@ -119,6 +134,7 @@ class TransactionReceiver:
         self.retention = retention
         self.prune_interval = prune_interval
         self._handlers: dict[str, EduHandler] = {}
+        self._batch_handlers: dict[str, BatchEduHandler] = {}
         self._in_flight: dict[tuple[str, str], list[Deferred[JsonDict]]] = {}
         self._pruner: Optional[LoopingCall] = None
         #: ``(edu_type, outcome)`` -> count; also ``("transaction", ...)``
@@ -128,12 +144,20 @@ class TransactionReceiver:
     # -- registry ------------------------------------------------------------
 
     def register_edu_handler(self, edu_type: str, handler: EduHandler) -> None:
-        """Dispatch EDUs of ``edu_type`` to ``handler`` (replacing any earlier one)."""
+        """Dispatch EDUs of ``edu_type`` to ``handler`` one by one (replacing
+        any earlier handler of the type)."""
+        self._batch_handlers.pop(edu_type, None)
         self._handlers[edu_type] = handler
+
+    def register_edu_batch_handler(self, edu_type: str, handler: BatchEduHandler) -> None:
+        """Dispatch all the EDUs of ``edu_type`` of a transaction to ``handler``
+        in one call (replacing any earlier handler of the type)."""
+        self._handlers.pop(edu_type, None)
+        self._batch_handlers[edu_type] = handler
 
     def edu_types(self) -> list[str]:
         """The EDU types handled, sorted."""
-        return sorted(self._handlers)
+        return sorted({*self._handlers, *self._batch_handlers})
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -261,62 +285,103 @@ class TransactionReceiver:
     ) -> None:
         # All at once: each handler's database work then queues up behind
         # the others' and the store commits them together (one fsync for
-        # the transaction's EDUs, not one each).  Every EDU is settled
-        # before the first failure, if any, fails the transaction.
-        taking = [
-            Deferred.fromCoroutine(self._receive_edu(origin, index, edu, txn_id))
-            for index, edu in enumerate(edus)
-        ]
+        # the transaction's EDUs, not one each); a batch handler gets all
+        # the EDUs of its type in one call.  Every EDU is settled before the
+        # first failure, if any, fails the transaction.
+        taking: list[Deferred[list[_Outcome]]] = []
+        batches: dict[str, list[tuple[int, object]]] = {}
+        outcomes: list[_Outcome] = []
+        for index, edu in enumerate(edus):
+            edu_type = self._handled_type(origin, edu)
+            if isinstance(edu_type, ParseError):
+                outcomes.append((index, UNKNOWN_EDU_TYPE, edu_type))
+                continue
+            if edu_type is None:
+                continue
+            assert isinstance(edu, dict)
+            if edu_type in self._batch_handlers:
+                batches.setdefault(edu_type, []).append((index, edu.get("content")))
+            else:
+                taking.append(
+                    Deferred.fromCoroutine(
+                        self._receive_edu(origin, index, edu_type, edu.get("content"))
+                    )
+                )
+        for edu_type, items in batches.items():
+            taking.append(Deferred.fromCoroutine(self._receive_batch(origin, edu_type, items)))
         failures = []
         for d in taking:
             try:
-                await d
+                outcomes.extend(await d)
             except Exception:
                 failures.append(Failure())
+        for index, edu_type, outcome in sorted(outcomes, key=lambda o: o[0]):
+            self._record(origin, txn_id, edu_type, index, outcome)
         if failures:
             failures[0].raiseException()
 
-    async def _receive_edu(
-        self, origin: str, index: int, edu: object, txn_id: Optional[str]
-    ) -> None:
-        path = f"edus[{index}]"
+    def _handled_type(self, origin: str, edu: object) -> "str | ParseError | None":
+        """The EDU's type if a handler takes it, the problem with a malformed
+        one, or None (an unknown type: counted and logged)."""
         if not isinstance(edu, dict):
-            self._malformed(origin, txn_id, UNKNOWN_EDU_TYPE, path, "expected an object")
-            return
+            return ParseError("", "expected an object")
         edu_type = edu.get("edu_type")
         if not isinstance(edu_type, str):
-            self._malformed(
-                origin, txn_id, UNKNOWN_EDU_TYPE, f"{path}.edu_type", "expected a string"
-            )
-            return
-        handler = self._handlers.get(edu_type)
-        if handler is None:
+            return ParseError("edu_type", "expected a string")
+        if edu_type not in self._handlers and edu_type not in self._batch_handlers:
             self.stats[(UNKNOWN_EDU_TYPE, "unknown_type")] += 1
             self.log.debug(
                 "Ignoring EDU of unknown type {edu_type!r} from {origin}",
                 edu_type=edu_type[:100],
                 origin=origin,
             )
-            return
+            return None
+        return edu_type
+
+    async def _receive_edu(
+        self, origin: str, index: int, edu_type: str, content: object
+    ) -> list[_Outcome]:
+        outcome: EduOutcome
         try:
-            result = handler(origin, edu.get("content"))
+            result = self._handlers[edu_type](origin, content)
             if inspect.isawaitable(result):
                 outcome = await result
             else:
                 outcome = result
         except ParseError as e:
-            self._malformed(origin, txn_id, edu_type, f"{path}.{e.path}", e.message)
-            return
+            outcome = e
         except Exception:
-            self.stats[(edu_type, "failed")] += 1
-            self.log.failure(
-                "Could not take {edu_type} EDU #{index} from {origin}; failing the transaction",
-                edu_type=edu_type,
-                index=index,
-                origin=origin,
-            )
+            self._failed(origin, edu_type, [index])
             raise
-        self.stats[(edu_type, outcome if outcome is not None else "accepted")] += 1
+        return [(index, edu_type, outcome)]
+
+    async def _receive_batch(
+        self, origin: str, edu_type: str, items: list[tuple[int, object]]
+    ) -> list[_Outcome]:
+        try:
+            outcomes = await self._batch_handlers[edu_type](origin, [c for _, c in items])
+        except Exception:
+            self._failed(origin, edu_type, [index for index, _ in items])
+            raise
+        return [(index, edu_type, outcome) for (index, _), outcome in zip(items, outcomes)]
+
+    def _record(
+        self, origin: str, txn_id: Optional[str], edu_type: str, index: int, outcome: EduOutcome
+    ) -> None:
+        if isinstance(outcome, ParseError):
+            path = f"edus[{index}]" + (f".{outcome.path}" if outcome.path else "")
+            self._malformed(origin, txn_id, edu_type, path, outcome.message)
+        else:
+            self.stats[(edu_type, outcome if outcome is not None else "accepted")] += 1
+
+    def _failed(self, origin: str, edu_type: str, indexes: list[int]) -> None:
+        self.stats[(edu_type, "failed")] += len(indexes)
+        self.log.failure(
+            "Could not take {edu_type} EDU(s) #{indexes} from {origin}; failing the transaction",
+            edu_type=edu_type,
+            indexes=",".join(map(str, indexes)),
+            origin=origin,
+        )
 
     def _malformed(
         self, origin: str, txn_id: Optional[str], edu_type: str, path: str, message: str

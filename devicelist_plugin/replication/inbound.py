@@ -83,7 +83,7 @@ def register_device_list_edus(
     receiver: TransactionReceiver, updater: RemoteDeviceListUpdater
 ) -> None:
     """Dispatch the device-list and cross-signing EDUs to ``updater``."""
-    receiver.register_edu_handler(EDU_DEVICE_LIST_UPDATE, updater.receive_device_list_update)
+    receiver.register_edu_batch_handler(EDU_DEVICE_LIST_UPDATE, updater.receive_device_list_updates)
     receiver.register_edu_handler(EDU_SIGNING_KEY_UPDATE, updater.receive_signing_key_update)
     receiver.register_edu_handler(
         EDU_SIGNING_KEY_UPDATE_UNSTABLE, updater.receive_signing_key_update

@@ -90,7 +90,7 @@ import inspect
 import random
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Any, Awaitable, Callable, Mapping, Optional, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Optional, Protocol, Sequence, Union
 from urllib.parse import quote
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
@@ -130,7 +130,7 @@ from devicelist_plugin.federation.client import (
 )
 from devicelist_plugin.federation.errors import M_UNRECOGNIZED
 from devicelist_plugin.local.handler import CpuRunner, run_inline
-from devicelist_plugin.membership import MembershipSource
+from devicelist_plugin.membership import MembershipSource, tracked_among
 from devicelist_plugin.replication.inbound_concurrency import (
     DestinationLimiter,
     SharedResult,
@@ -138,10 +138,17 @@ from devicelist_plugin.replication.inbound_concurrency import (
 from devicelist_plugin.replication.retry import DestinationRetryTracker
 from devicelist_plugin.storage.interface import IDeviceListStore
 from devicelist_plugin.storage.codec import loads
-from devicelist_plugin.storage.types import QueuedUpdate, RemoteSyncState
+from devicelist_plugin.storage.types import (
+    InboxEntry,
+    QueuedUpdate,
+    RemoteBatch,
+    RemoteBatchResult,
+    RemoteSyncState,
+)
 
 __all__ = [
     "ChangeListener",
+    "EduOutcome",
     "RemoteDeviceListChange",
     "RemoteDeviceListUpdater",
     "ResyncFailure",
@@ -150,6 +157,10 @@ __all__ = [
 ]
 
 USER_DEVICES_PATH_PREFIX = "/_matrix/federation/v1/user/devices/"
+
+#: What became of one EDU handed over with others: None (taken), the reason
+#: it was ignored, or the error that rejected it as malformed.
+EduOutcome = Union[None, str, ParseError]
 
 HOUR = 60 * MINUTE
 DAY = 24 * HOUR
@@ -266,6 +277,18 @@ class _UserSlot:
     # the outcome of the next resync attempt, shared by the queries waiting
     next_result: Optional[Deferred[Optional[ResyncFailure]]] = None
     shared: Optional[SharedResult[Optional[ResyncFailure]]] = None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A decision on a user's queued EDUs, before and after its commit."""
+
+    decision: BatchDecision
+    mark: Optional[str]
+    # when each queued EDU arrived (seconds), by stream id
+    received: dict[int, float]
+    # what to commit; None when the decision writes nothing
+    batch: Optional[RemoteBatch]
 
 
 @dataclass
@@ -506,24 +529,69 @@ class RemoteDeviceListUpdater:
         return Deferred.fromCoroutine(self._receive_device_list_update(origin, content))
 
     async def _receive_device_list_update(self, origin: str, content: object) -> Optional[str]:
-        update = parse_device_list_update(content)
-        ignored = await self._check_sender(origin, update.user_id, "m.device_list_update")
-        if ignored is not None:
-            return ignored
-        queued = await self._store.queue_remote_update(
-            update.user_id,
-            update.stream_id,
-            device_list_update_to_json(update),
-            self._now_ms(),
+        (outcome,) = await self._receive_device_list_updates(origin, [content])
+        if isinstance(outcome, ParseError):
+            raise outcome
+        return outcome
+
+    def receive_device_list_updates(
+        self, origin: str, contents: Sequence[object]
+    ) -> "Deferred[list[EduOutcome]]":
+        """Take the ``m.device_list_update`` EDUs of one transaction from
+        ``origin`` together: each as :meth:`receive_device_list_update`, but
+        all queued in one store transaction, and those of users with nothing
+        else going on decided on and committed in one more.
+
+        Fires with an outcome per EDU, in order: None (queued), the reason
+        it was ignored, or the :class:`ParseError` that rejected it.  Fails
+        with the store's error when they could not be queued.
+        """
+        return Deferred.fromCoroutine(self._receive_device_list_updates(origin, contents))
+
+    async def _receive_device_list_updates(
+        self, origin: str, contents: Sequence[object]
+    ) -> list[EduOutcome]:
+        what = "m.device_list_update"
+        outcomes: list[EduOutcome] = [None] * len(contents)
+        taken: list[tuple[int, DeviceListUpdate]] = []
+        for index, content in enumerate(contents):
+            try:
+                update = parse_device_list_update(content)
+            except ParseError as e:
+                outcomes[index] = e
+                continue
+            ignored = self._check_origin(origin, update.user_id, what)
+            if ignored is None:
+                taken.append((index, update))
+            else:
+                outcomes[index] = ignored
+        if not taken:
+            return outcomes
+        tracked = await tracked_among(self._membership, {u.user_id for _, u in taken})
+        now_ms = self._now_ms()
+        queued: list[DeviceListUpdate] = []
+        for index, update in taken:
+            if update.user_id in tracked:
+                queued.append(update)
+            else:
+                outcomes[index] = self._not_tracked(update.user_id, what)
+        if not queued:
+            return outcomes
+        flags = await self._store.queue_remote_updates(
+            [
+                InboxEntry(u.user_id, u.stream_id, device_list_update_to_json(u), now_ms)
+                for u in queued
+            ]
         )
-        self.stats["edu_queued" if queued else "edu_already_queued"] += 1
-        if queued:
-            # the inbox row is this update's JSON: keep the parse for when it is applied
-            if len(self._parsed) >= _PARSED_KEPT:
-                del self._parsed[next(iter(self._parsed))]
-            self._parsed[(update.user_id, update.stream_id)] = update
-        self._kick(update.user_id)
-        return None
+        for update, new in zip(queued, flags):
+            self.stats["edu_queued" if new else "edu_already_queued"] += 1
+            if new:
+                # the inbox row is this update's JSON: keep the parse for when it is applied
+                if len(self._parsed) >= _PARSED_KEPT:
+                    del self._parsed[next(iter(self._parsed))]
+                self._parsed[(update.user_id, update.stream_id)] = update
+        self._kick_many([u.user_id for u in queued])
+        return outcomes
 
     def receive_signing_key_update(self, origin: str, content: object) -> "Deferred[Optional[str]]":
         """Take an ``m.signing_key_update`` (or ``org.matrix.signing_key_update``)
@@ -554,6 +622,12 @@ class RemoteDeviceListUpdater:
         return None
 
     async def _check_sender(self, origin: str, user_id: str, what: str) -> Optional[str]:
+        ignored = self._check_origin(origin, user_id, what)
+        if ignored is None and not await self._membership.is_tracked(user_id):
+            return self._not_tracked(user_id, what)
+        return ignored
+
+    def _check_origin(self, origin: str, user_id: str, what: str) -> Optional[str]:
         server = server_name_of(user_id)
         if server != origin:
             self.stats["edu_wrong_origin"] += 1
@@ -567,15 +641,16 @@ class RemoteDeviceListUpdater:
         if server == self.server_name:
             self.stats["edu_local_user"] += 1
             return "local_user"
-        if not await self._membership.is_tracked(user_id):
-            self.stats["edu_not_tracked"] += 1
-            self.log.debug(
-                "Ignoring {what} for {user_id}: shares no room with a local user",
-                what=what,
-                user_id=user_id,
-            )
-            return "not_tracked"
         return None
+
+    def _not_tracked(self, user_id: str, what: str) -> str:
+        self.stats["edu_not_tracked"] += 1
+        self.log.debug(
+            "Ignoring {what} for {user_id}: shares no room with a local user",
+            what=what,
+            user_id=user_id,
+        )
+        return "not_tracked"
 
     # ------------------------------------------------------------------
     # membership
@@ -698,6 +773,79 @@ class RemoteDeviceListUpdater:
         self._loops.add(loop)
         loop.addBoth(self._loop_ended, loop)
 
+    def _kick_many(self, user_ids: Sequence[str]) -> None:
+        """Kick several users (just given EDUs): those whose worker is idle
+        are processed together, one read and one commit for all of them;
+        the others' workers take the EDUs on their next pass."""
+        if self._stopped:
+            return
+        together: list[str] = []
+        for user_id in dict.fromkeys(user_ids):
+            slot = self._slot(user_id)
+            if slot.running:
+                self._kick(user_id)
+                continue
+            slot.running = True
+            slot.again = False
+            together.append(user_id)
+        if together:
+            loop = Deferred.fromCoroutine(self._run_together(together))
+            self._loops.add(loop)
+            loop.addBoth(self._loop_ended, loop)
+
+    async def _run_together(self, user_ids: list[str]) -> None:
+        """One pass over several users at once (see :meth:`_kick_many`); a
+        user kicked meanwhile, or all of them if the pass failed, go on in
+        their own workers."""
+        failed = False
+        try:
+            await self._iterate_together(user_ids)
+        except CancelledError:
+            failed = not self._stopped
+        except Exception as e:
+            # each user's own worker meets the error again and logs it in full
+            failed = True
+            self.log.warn(
+                "Processing the device lists of {count} user(s) together failed ({error});"
+                " processing them one by one",
+                count=len(user_ids),
+                error=repr(e),
+            )
+        finally:
+            for user_id in user_ids:
+                slot = self._slot(user_id)
+                slot.running = False
+                if failed or slot.again:
+                    self._kick(user_id)
+                else:
+                    self._maybe_forget(user_id)
+
+    async def _iterate_together(self, user_ids: list[str]) -> None:
+        # Tracking was checked as the EDUs came in; an untracking since
+        # leaves drop_pending, which the user's own worker acts on next.
+        inboxes = await self._store.get_remote_inbox_states(user_ids)
+        plans: dict[str, _Plan] = {}
+        for user_id in user_ids:
+            inbox = inboxes[user_id]
+            if self._slot(user_id).drop_pending or not inbox.entries:
+                continue
+            plans[user_id] = self._plan_batch(user_id, inbox.state, inbox.entries)
+        batches = [p.batch for p in plans.values() if p.batch is not None]
+        results = {}
+        if batches:
+            applied = await self._store.apply_remote_batches(batches, self._now_ms())
+            results = {b.user_id: r for b, r in zip(batches, applied)}
+        for user_id in user_ids:
+            slot = self._slot(user_id)
+            sync = inboxes[user_id].state
+            plan = plans.get(user_id)
+            if plan is not None:
+                sync = self._finish_batch(user_id, slot, plan, results.get(user_id), sync)
+            elif not slot.drop_pending:
+                self._cancel_hold(slot)
+            if sync is not None and sync.stale and not slot.drop_pending:
+                self._want_resync(user_id, sync)
+
     def _loop_ended(self, result: object, loop: "Deferred[None]") -> None:
         self._loops.discard(loop)
         if isinstance(result, Failure):
@@ -751,10 +899,8 @@ class RemoteDeviceListUpdater:
             sync = inbox.state
             if inbox.entries:
                 sync = await self._process_batch(user_id, slot, sync, inbox.entries)
-            elif slot.hold_call is not None:
-                if slot.hold_call.active():
-                    slot.hold_call.cancel()
-                slot.hold_call = None
+            else:
+                self._cancel_hold(slot)
             if sync is None or not sync.stale:
                 return
             if granted:
@@ -803,6 +949,16 @@ class RemoteDeviceListUpdater:
     ) -> Optional[RemoteSyncState]:
         """Decide on the queued EDUs and commit; return the sync state
         afterwards (``sync`` itself when nothing was written)."""
+        plan = self._plan_batch(user_id, sync, entries)
+        result = None
+        if plan.batch is not None:
+            (result,) = await self._store.apply_remote_batches([plan.batch], self._now_ms())
+        return self._finish_batch(user_id, slot, plan, result, sync)
+
+    def _plan_batch(
+        self, user_id: str, sync: Optional[RemoteSyncState], entries: Sequence[QueuedUpdate]
+    ) -> "_Plan":
+        """The decision on a user's queued EDUs, and what to commit for it."""
         updates: list[DeviceListUpdate] = []
         unusable: list[int] = []
         for entry in entries:
@@ -845,18 +1001,33 @@ class RemoteDeviceListUpdater:
         known = None
         if decision.applied and decision.state is not None:
             known = decision.state.known_ids
-        wrote = bool(processed or mark or known is not None)
-        changed: tuple[str, ...] = ()
-        if wrote:
-            result = await self._store.apply_remote_batch(
-                user_id, decision.applied, known, processed, mark, self._now_ms()
+        batch = None
+        if processed or mark or known is not None:
+            batch = RemoteBatch(
+                user_id,
+                tuple(decision.applied),
+                None if known is None else frozenset(known),
+                frozenset(processed),
+                mark,
             )
-            changed = result.changed_device_ids
+        return _Plan(decision, mark, received, batch)
+
+    def _finish_batch(
+        self,
+        user_id: str,
+        slot: _UserSlot,
+        plan: "_Plan",
+        result: Optional[RemoteBatchResult],
+        sync: Optional[RemoteSyncState],
+    ) -> Optional[RemoteSyncState]:
+        """After the plan's commit (``result``, None when it wrote nothing):
+        count, tell the listeners, arm the hold timer; the sync state now."""
+        self._count_decision(user_id, plan.decision, plan.mark)
+        if result is not None:
             sync = result.state
-        self._count_decision(user_id, decision, mark)
-        if changed:
-            self._notify(RemoteDeviceListChange(user_id, changed))
-        self._arm_hold(user_id, slot, decision, received)
+            if result.changed_device_ids:
+                self._notify(RemoteDeviceListChange(user_id, result.changed_device_ids))
+        self._arm_hold(user_id, slot, plan.decision, plan.received)
         return sync
 
     def _count_decision(self, user_id: str, decision: BatchDecision, mark: Optional[str]) -> None:
@@ -885,14 +1056,18 @@ class RemoteDeviceListUpdater:
         decision: BatchDecision,
         received: Mapping[int, float],
     ) -> None:
-        if slot.hold_call is not None and slot.hold_call.active():
-            slot.hold_call.cancel()
-        slot.hold_call = None
+        self._cancel_hold(slot)
         if not decision.held or self._stopped:
             return
         deadline = min(received[u.stream_id] for u in decision.held) + self.config.hold_grace
         delay = max(0.0, deadline - self._clock.seconds())
         slot.hold_call = self._clock.callLater(delay, self._hold_expired, user_id)
+
+    @staticmethod
+    def _cancel_hold(slot: _UserSlot) -> None:
+        if slot.hold_call is not None and slot.hold_call.active():
+            slot.hold_call.cancel()
+        slot.hold_call = None
 
     def _hold_expired(self, user_id: str) -> None:
         slot = self._slots.get(user_id)

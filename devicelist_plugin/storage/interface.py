@@ -37,6 +37,7 @@ from devicelist_plugin.storage.types import (
     LocalDevice,
     LocalUserKeys,
     PendingRow,
+    RemoteBatch,
     RemoteBatchResult,
     RemoteInbox,
     RemoteSyncState,
@@ -418,6 +419,12 @@ class IDeviceListStore(Protocol):
     def is_user_tracked(self, user_id: str, own_server_name: str) -> "Deferred[bool]":
         """Whether the user shares a room with a user of ``own_server_name``."""
 
+    def get_tracked_users(
+        self, user_ids: Collection[str], own_server_name: str
+    ) -> "Deferred[frozenset[str]]":
+        """Those of ``user_ids`` sharing a room with a user of ``own_server_name``
+        (:meth:`is_user_tracked` of each, in one transaction)."""
+
     def get_room_members(self, room_id: str) -> "Deferred[list[str]]":
         """The room's members, sorted."""
 
@@ -467,6 +474,14 @@ class IDeviceListStore(Protocol):
         device ids whose entry changed and the sync state as the transaction
         left it (what ``get_remote_sync_state`` would read right after).
         """
+
+    def apply_remote_batches(
+        self, batches: Sequence[RemoteBatch], now_ms: int
+    ) -> "Deferred[list[RemoteBatchResult]]":
+        """Commit decisions on several users' queued EDUs in one transaction:
+        each as :meth:`apply_remote_batch` would, results in the same order
+        (what a ``/send`` transaction's EDUs cost: one commit, not one per
+        user).  At most one batch per user."""
 
     def mark_remote_stale(self, user_id: str, reason: str, now_ms: int) -> "Deferred[int]":
         """Durably mark the user stale; return the new stale generation."""
@@ -525,6 +540,10 @@ class IDeviceListStore(Protocol):
         """Durably queue a received ``m.device_list_update`` (its validated
         content); False when that (user, stream id) is already queued."""
 
+    def queue_remote_updates(self, entries: Sequence[InboxEntry]) -> "Deferred[list[bool]]":
+        """Queue several EDUs in one transaction, as :meth:`queue_remote_update`
+        each (its ``received_ts`` the entry's): a flag per entry, in order."""
+
     def get_remote_inbox(self, user_id: str) -> "Deferred[list[InboxEntry]]":
         """The user's queued EDUs in stream id order."""
 
@@ -532,6 +551,9 @@ class IDeviceListStore(Protocol):
         """The user's sync state and queued EDUs (contents as JSON text), read
         in one transaction: ``get_remote_sync_state`` and ``get_remote_inbox``
         in one round trip."""
+
+    def get_remote_inbox_states(self, user_ids: Collection[str]) -> "Deferred[dict[str, RemoteInbox]]":
+        """:meth:`get_remote_inbox_state` of several users in one transaction."""
 
     def list_remote_inbox_users(self) -> "Deferred[list[str]]":
         """The users with queued EDUs, sorted."""

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Optional, Union
 
-from devicelist_plugin.core.models import CrossSigningKey, RemoteDevice
+from devicelist_plugin.core.models import CrossSigningKey, DeviceListUpdate, RemoteDevice
 
 JsonDict = dict[str, Any]
 # A one-time or fallback key as uploaded: a bare base64 string for
@@ -265,6 +265,21 @@ class RemoteInbox:
     state: Optional[RemoteSyncState]
     # in stream id order
     entries: tuple[QueuedUpdate, ...]
+
+
+@dataclass(frozen=True)
+class RemoteBatch:
+    """One decision on a remote user's queued EDUs (see ``apply_remote_batch``)."""
+
+    user_id: str
+    # applied in order, each unless the cache holds its device at a higher id
+    applied: tuple[DeviceListUpdate, ...]
+    # the new known stream ids, or None to keep them
+    known_ids: Optional[frozenset[int]]
+    # the inbox rows to delete
+    processed_stream_ids: frozenset[int]
+    # a stale mark to make, with its reason, or None
+    stale_reason: Optional[str]
 
 
 @dataclass(frozen=True)

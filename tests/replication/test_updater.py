@@ -356,16 +356,16 @@ class StorageFailureTests(InboundCase):
     def test_edu_not_stored_means_500_and_the_retry_is_applied(self) -> None:
         self.a.track(U)
         u = self.s.user("u")
-        original = self.a.store.queue_remote_update
+        original = self.a.store.queue_remote_updates
         calls: list[int] = []
 
-        def failing(*args: Any) -> "Deferred[bool]":
+        def failing(*args: Any) -> "Deferred[list[bool]]":
             calls.append(1)
             if len(calls) == 1:
                 return fail(RuntimeError("disk full"))
             return original(*args)
 
-        self.a.store.queue_remote_update = failing  # type: ignore[method-assign, assignment]
+        self.a.store.queue_remote_updates = failing  # type: ignore[method-assign, assignment]
         edu = u.edu("D1")
         d = self.s.send([edu], txn_id="t1")
         self.network.flush()
@@ -382,14 +382,14 @@ class StorageFailureTests(InboundCase):
         self.a.track(U)
         u = self.s.user("u")
         self.deliver(self.s, [u.edu("D1")])
-        original = self.a.store.apply_remote_batch
-        self.a.store.apply_remote_batch = (  # type: ignore[method-assign]
+        original = self.a.store.apply_remote_batches
+        self.a.store.apply_remote_batches = (  # type: ignore[method-assign]
             lambda *args: fail(RuntimeError("database gone"))
         )
         self.deliver(self.s, [u.edu("D1", name="x")])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertIsNone(self.a.cached_devices(U)["D1"].display_name)
-        self.a.store.apply_remote_batch = original  # type: ignore[method-assign]
+        self.a.store.apply_remote_batches = original  # type: ignore[method-assign]
         self.network.advance(10)  # A's retry after a storage error (10 s)
         self.assertEqual(self.a.cached_devices(U)["D1"].display_name, "x")
 
