@@ -4,7 +4,7 @@ dispatch and counting, replays (stored and concurrent), failures, pruning."""
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import treq
 from signedjson.key import generate_signing_key, get_verify_key
@@ -21,12 +21,14 @@ from devicelist_plugin.federation.send import (
     DEFAULT_PRUNE_INTERVAL,
     DEFAULT_TXN_RETENTION,
     SEND_PATH,
+    EduOutcome,
     TransactionReceiver,
 )
 from devicelist_plugin.federation.xmatrix import build_authorization_header
 from tests.federation.test_auth import DictKeyLookup
 from tests.helpers import FakeNetwork
 from tests.helpers.store import open_inline_store
+from tests.replication.inbound_harness import capture_logs
 
 A = "a.example"
 B = "b.example"
@@ -131,6 +133,68 @@ class SendTests(SynchronousTestCase):
         self.assertEqual((code, body), (200, {"pdus": {}}))
         self.assertEqual(self.seen, [(B, "ok")])
         self.assertEqual(self.receiver.stats[("m.test", "malformed")], 1)
+
+    def test_a_batch_handler_gets_all_edus_of_its_type_in_one_call(self) -> None:
+        calls: list[list[object]] = []
+
+        def batch(origin: str, contents: Sequence[object]) -> "Deferred[list[EduOutcome]]":
+            calls.append(list(contents))
+            outcomes: list[EduOutcome] = []
+            for content in contents:
+                if content == "bad":
+                    outcomes.append(ParseError("content.user_id", "required field missing"))
+                else:
+                    outcomes.append(None if content != "skip" else "not_tracked")
+            return succeed(outcomes)
+
+        self.receiver.register_edu_batch_handler("m.batch", batch)
+        self.receiver.register_edu_handler("m.test", self.record())
+        self.assertEqual(self.receiver.edu_types(), ["m.batch", "m.test"])
+        logs = capture_logs(self)
+        code, body = self.answer(
+            self.send(
+                "t1",
+                [
+                    {"edu_type": "m.batch", "content": "bad"},
+                    {"edu_type": "m.test", "content": 1},
+                    "junk",
+                    {"edu_type": "m.batch", "content": "ok"},
+                    {"edu_type": "m.batch", "content": "skip"},
+                ],
+            )
+        )
+        self.assertEqual((code, body), (200, {"pdus": {}}))
+        self.assertEqual(calls, [["bad", "ok", "skip"]])
+        self.assertEqual(self.seen, [(B, 1)])
+        stats = self.receiver.stats
+        self.assertEqual(stats[("m.batch", "accepted")], 1)
+        self.assertEqual(stats[("m.batch", "not_tracked")], 1)
+        self.assertEqual(stats[("m.batch", "malformed")], 1)
+        self.assertEqual(stats[("<unknown>", "malformed")], 1)
+        # problems are logged in the transaction's order, with the EDU's path
+        self.assertEqual(
+            [line.split("): ", 1)[1] for line in logs if line.startswith("Ignoring malformed")],
+            [
+                "edus[0].content.user_id: required field missing",
+                "edus[2]: expected an object",
+            ],
+        )
+        # registering a one-by-one handler for the type replaces the batch one
+        self.receiver.register_edu_handler("m.batch", self.record())
+        self.answer(self.send("t2", [{"edu_type": "m.batch", "content": 2}]))
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(self.seen[-1], (B, 2))
+
+    def test_a_failing_batch_handler_fails_the_transaction(self) -> None:
+        def broken(origin: str, contents: Sequence[object]) -> "Deferred[list[EduOutcome]]":
+            return fail(RuntimeError("store down"))
+
+        self.receiver.register_edu_batch_handler("m.batch", broken)
+        edus = [{"edu_type": "m.batch", "content": {}}, {"edu_type": "m.batch", "content": {}}]
+        self.assertEqual(self.answer(self.send("t1", edus))[0], 500)
+        self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(self.receiver.stats[("m.batch", "failed")], 2)
+        self.assertIsNone(self.successResultOf(self.store.get_received_txn(B, "t1")))
 
     def test_replay_answers_the_stored_response_without_processing(self) -> None:
         self.receiver.register_edu_handler("m.test", self.record())

@@ -20,6 +20,7 @@ from devicelist_plugin.storage import Store
 from devicelist_plugin.storage.types import (
     InboxEntry,
     QueuedUpdate,
+    RemoteBatch,
     RemoteBatchResult,
     RemoteInbox,
     StaleRemoteUser,
@@ -192,6 +193,52 @@ class InboundStoreTestsMixin(_Base):
         await store.drop_remote_user(U)
         self.assertEqual(await store.get_remote_inbox(U), [])
         self.assertEqual(await store.list_remote_inbox_users(), [OTHER])
+
+    async def test_several_users_queued_read_and_applied_in_one_call_each(self) -> None:
+        store = await self.store()
+        flags = await store.queue_remote_updates(
+            [
+                InboxEntry(U, 1, {"n": 1}, 100),
+                InboxEntry(OTHER, 7, {"n": 7}, 100),
+                InboxEntry(U, 1, {"n": "copy"}, 200),
+                InboxEntry(U, 2, {"n": 2}, 200),
+            ]
+        )
+        self.assertEqual(flags, [True, True, False, True])
+        states = await store.get_remote_inbox_states([U, OTHER, "@none:remote.test"])
+        self.assertEqual([e.stream_id for e in states[U].entries], [1, 2])
+        self.assertEqual(states[OTHER].entries, (QueuedUpdate(OTHER, 7, '{"n":7}', 100),))
+        self.assertEqual(states["@none:remote.test"], RemoteInbox(None, ()))
+        other_update = DeviceListUpdate(OTHER, "O1", 7, display_name="o")
+        results = await store.apply_remote_batches(
+            [
+                RemoteBatch(
+                    U, (update("D1", 1), update("D2", 2)), frozenset({1, 2}), frozenset({1, 2}), None
+                ),
+                RemoteBatch(OTHER, (other_update,), None, frozenset({7}), "unknown_prev_id"),
+            ],
+            5000,
+        )
+        self.assertEqual([r.changed_device_ids for r in results], [("D1", "D2"), ("O1",)])
+        assert results[0].state is not None and results[1].state is not None
+        self.assertEqual(results[0].state.known_ids, frozenset({1, 2}))
+        self.assertFalse(results[0].state.stale)
+        self.assertEqual(results[1].stale_generation, 1)
+        self.assertTrue(results[1].state.stale)
+        self.assertEqual(await store.list_remote_inbox_users(), [])
+        # one batch per user: a second for the same user is refused, nothing written
+        with self.assertRaises(ValueError):
+            await store.apply_remote_batches(
+                [
+                    RemoteBatch(U, (update("D3", 3),), None, frozenset(), None),
+                    RemoteBatch(U, (), None, frozenset(), "x"),
+                ],
+                5000,
+            )
+        self.assertNotIn("D3", await self.device_ids(store, U))
+
+    async def device_ids(self, store: Store, user_id: str) -> list[str]:
+        return [d.device_id for d in await store.get_remote_devices(user_id)]
 
     async def test_resync_backoff_is_kept_and_reset_by_a_snapshot(self) -> None:
         store = await self.store()

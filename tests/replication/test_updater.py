@@ -551,3 +551,75 @@ class StopWhileWorkingTests(InboundCase):
         gate.errback(RuntimeError("database closed"))  # the store closing under it
         self.flushLoggedErrors(RuntimeError)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class TransactionTogetherTests(InboundCase):
+    """The EDUs of one ``/send`` transaction are decided on together: one
+    store commit for every user whose worker was idle."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.users = [self.s.user(name) for name in ("u1", "u2", "u3", "u4")]
+        for user in self.users:
+            self.a.track(user.user_id)
+        # first contact: one resync each
+        self.deliver(self.s, [user.edu("D1") for user in self.users])
+        self.assertEqual(self.fetches(), 4)
+        self.commits: list[list[str]] = []
+        original = self.a.store.apply_remote_batches
+
+        def counting(batches: Any, now_ms: int) -> Any:
+            self.commits.append([b.user_id for b in batches])
+            return original(batches, now_ms)
+
+        self.a.store.apply_remote_batches = counting  # type: ignore[method-assign]
+
+    def test_idle_users_are_committed_together(self) -> None:
+        u1 = self.users[0]
+        edus = [user.edu("D2", name="two") for user in self.users] + [u1.edu("D3")]
+        self.deliver(self.s, edus)
+        self.assertEqual(self.commits, [[u.user_id for u in self.users]])
+        for user in self.users:
+            self.assertEqual(self.a.cached_devices(user.user_id)["D2"].display_name, "two")
+        self.assertIn("D3", self.a.cached_devices(u1.user_id))
+        self.assertEqual(self.fetches(), 4)
+        self.assertEqual(self.a.updater.stats["apply:prev_known"], 5)
+
+    def test_a_busy_user_takes_its_edus_in_its_own_worker(self) -> None:
+        u1, u2, u3, _ = self.users
+        gate: Deferred[None] = Deferred()
+        self.s.gate = gate
+        u1.edu("D9")  # lost: u1 resyncs, and its fetch hangs
+        self.deliver(self.s, [u1.edu("D2")])
+        self.network.advance(2)  # the hold grace: u1 is fetched
+        self.assertEqual(self.fetches(u1.user_id), 2)
+        self.commits.clear()
+        self.deliver(self.s, [u1.edu("D3"), u2.edu("D2"), u3.edu("D2")])
+        # u2 and u3 at once, together; u1 waits for its snapshot
+        self.assertEqual(self.commits, [[u2.user_id, u3.user_id]])
+        self.assertNotIn("D3", self.a.cached_devices(u1.user_id))
+        self.s.gate = None
+        gate.callback(None)
+        self.network.flush()
+        self.assertIn("D3", self.a.cached_devices(u1.user_id))
+        self.assertEqual(self.fetches(u1.user_id), 2)
+        self.assertFalse(self.a.sync_state(u1.user_id).stale)
+
+    def test_a_failed_joint_commit_falls_back_to_each_users_worker(self) -> None:
+        original = self.a.store.apply_remote_batches
+        attempts: list[int] = []
+
+        def not_together(batches: Any, now_ms: int) -> Any:
+            attempts.append(len(batches))
+            if len(batches) > 1:
+                return fail(RuntimeError("deadlock"))
+            return original(batches, now_ms)
+
+        self.a.store.apply_remote_batches = not_together  # type: ignore[method-assign]
+        logs = capture_logs(self)
+        self.deliver(self.s, [user.edu("D2") for user in self.users])
+        self.assertEqual(attempts, [4, 1, 1, 1, 1])  # the joint one, then one each
+        for user in self.users:
+            self.assertIn("D2", self.a.cached_devices(user.user_id))
+        self.assertEqual(self.flushLoggedErrors(RuntimeError), [])
+        self.assertTrue(any("together failed" in line for line in logs))
