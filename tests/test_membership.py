@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from devicelist_plugin.membership import InMemoryMembership
+from devicelist_plugin.membership import (
+    BatchMembershipSource,
+    InMemoryMembership,
+    MembershipListener,
+    tracked_among,
+)
 
 ALICE = "@alice:ours.test"
 BOB = "@bob:ours.test"
@@ -110,3 +116,41 @@ class MembershipTests(SynchronousTestCase):
         m.join("!a", REMOTE)
         self.assertEqual(events.newly, [(ALICE, frozenset({"s.test"}))])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class OnlyIsTracked:
+    """A host's membership source without ``tracked_among``."""
+
+    def __init__(self, inner: InMemoryMembership) -> None:
+        self.inner = inner
+        self.asked: list[str] = []
+
+    def servers_sharing_room(self, user_id: str) -> "Deferred[frozenset[str]]":
+        return self.inner.servers_sharing_room(user_id)
+
+    def is_tracked(self, remote_user_id: str) -> "Deferred[bool]":
+        self.asked.append(remote_user_id)
+        return self.inner.is_tracked(remote_user_id)
+
+    def add_listener(self, listener: MembershipListener) -> None:
+        self.inner.add_listener(listener)
+
+
+class TrackedAmongTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.m = InMemoryMembership("ours.test")
+        self.m.join("!r", ALICE)
+        self.m.join("!r", REMOTE)
+        self.m.join("!x", REMOTE2)  # a room without local users
+
+    def test_a_batch_source_answers_in_one_call(self) -> None:
+        self.assertIsInstance(self.m, BatchMembershipSource)
+        found = self.successResultOf(tracked_among(self.m, [REMOTE, REMOTE2, OTHER]))
+        self.assertEqual(found, frozenset({REMOTE}))
+
+    def test_a_source_with_only_is_tracked_is_asked_per_user(self) -> None:
+        source = OnlyIsTracked(self.m)
+        self.assertNotIsInstance(source, BatchMembershipSource)
+        found = self.successResultOf(tracked_among(source, [REMOTE2, REMOTE, REMOTE]))
+        self.assertEqual(found, frozenset({REMOTE}))
+        self.assertEqual(sorted(source.asked), sorted({REMOTE, REMOTE2}))  # once each

@@ -2,15 +2,26 @@
 
 Where EDUs come from
 --------------------
-:meth:`RemoteDeviceListUpdater.receive_device_list_update` takes the content
-of an ``m.device_list_update`` EDU (from ``/send``, or from a host that runs
-its own): it is validated (:func:`~devicelist_plugin.core.parse.parse_device_list_update`,
-a :class:`~devicelist_plugin.core.parse.ParseError` names the bad field),
-its ``user_id`` must belong to the sending server and be tracked (share a
-room with a local user, :meth:`MembershipSource.is_tracked`), and it is then
-queued durably in the store's inbox (``remote_device_inbox``) before the call
-returns, so a transaction is acknowledged only once its EDUs survive a
-crash.  Ignored EDUs are counted in :attr:`RemoteDeviceListUpdater.stats`.
+:meth:`RemoteDeviceListUpdater.receive_device_list_updates` takes the
+contents of a ``/send`` transaction's ``m.device_list_update`` EDUs (the
+receiver's batch handler; :meth:`receive_device_list_update` takes one, for
+a host that runs its own ``/send``).  Each is validated
+(:func:`~devicelist_plugin.core.parse.parse_device_list_update`, a
+:class:`~devicelist_plugin.core.parse.ParseError` names the bad field), its
+``user_id`` must belong to the sending server and be tracked (share a room
+with a local user, :func:`~devicelist_plugin.membership.tracked_among`, one
+call for all), and then it is durably taken before the call returns, so a
+transaction is acknowledged only once its EDUs survive a crash.  Ignored EDUs
+are counted in :attr:`RemoteDeviceListUpdater.stats`.
+
+Taken how: the users whose worker is idle are claimed and decided on right
+away, together -- one read of their sync states and queued EDUs, one commit
+(:meth:`apply_remote_batches`) applying what can be applied and queueing in
+the store's inbox (``remote_device_inbox``) only what is held; the EDUs of
+users whose worker is busy (a resync in flight, a pass running) are queued in
+that same commit and their workers kicked.  If the commit fails, all the
+EDUs are queued in a plain transaction and every user's worker takes over
+(an error there fails the transaction, so the sender retries).
 
 Per-user processing
 -------------------
@@ -575,22 +586,8 @@ class RemoteDeviceListUpdater:
                 queued.append(update)
             else:
                 outcomes[index] = self._not_tracked(update.user_id, what)
-        if not queued:
-            return outcomes
-        flags = await self._store.queue_remote_updates(
-            [
-                InboxEntry(u.user_id, u.stream_id, device_list_update_to_json(u), now_ms)
-                for u in queued
-            ]
-        )
-        for update, new in zip(queued, flags):
-            self.stats["edu_queued" if new else "edu_already_queued"] += 1
-            if new:
-                # the inbox row is this update's JSON: keep the parse for when it is applied
-                if len(self._parsed) >= _PARSED_KEPT:
-                    del self._parsed[next(iter(self._parsed))]
-                self._parsed[(update.user_id, update.stream_id)] = update
-        self._kick_many([u.user_id for u in queued])
+        if queued:
+            await self._take(queued, now_ms)
         return outcomes
 
     def receive_signing_key_update(self, origin: str, content: object) -> "Deferred[Optional[str]]":
@@ -773,78 +770,104 @@ class RemoteDeviceListUpdater:
         self._loops.add(loop)
         loop.addBoth(self._loop_ended, loop)
 
-    def _kick_many(self, user_ids: Sequence[str]) -> None:
-        """Kick several users (just given EDUs): those whose worker is idle
-        are processed together, one read and one commit for all of them;
-        the others' workers take the EDUs on their next pass."""
-        if self._stopped:
-            return
-        together: list[str] = []
-        for user_id in dict.fromkeys(user_ids):
-            slot = self._slot(user_id)
-            if slot.running:
-                self._kick(user_id)
-                continue
-            slot.running = True
-            slot.again = False
-            together.append(user_id)
-        if together:
-            loop = Deferred.fromCoroutine(self._run_together(together))
-            self._loops.add(loop)
-            loop.addBoth(self._loop_ended, loop)
+    async def _take(self, updates: list[DeviceListUpdate], now_ms: int) -> None:
+        """Durably take a transaction's EDUs (already parsed and checked).
 
-    async def _run_together(self, user_ids: list[str]) -> None:
-        """One pass over several users at once (see :meth:`_kick_many`); a
-        user kicked meanwhile, or all of them if the pass failed, go on in
-        their own workers."""
-        failed = False
+        The users whose worker is idle are decided on right here, together:
+        one read of their state and queued EDUs, and one commit applying
+        what can be applied and queueing only what must wait (held EDUs).
+        The others' EDUs are queued in that same commit for their workers.
+        Should the commit fail, everything is queued plainly and each user's
+        worker takes it from there (a failure there fails the transaction).
+        """
+        by_user: dict[str, list[DeviceListUpdate]] = {}
+        for update in updates:
+            by_user.setdefault(update.user_id, []).append(update)
+        idle: list[str] = []
+        for user_id in by_user:
+            slot = self._slot(user_id)
+            if not slot.running and not self._stopped:
+                slot.running = True
+                slot.again = False
+                idle.append(user_id)
         try:
-            await self._iterate_together(user_ids)
-        except CancelledError:
-            failed = not self._stopped
+            await self._take_together(by_user, idle, now_ms)
         except Exception as e:
             # each user's own worker meets the error again and logs it in full
-            failed = True
             self.log.warn(
-                "Processing the device lists of {count} user(s) together failed ({error});"
-                " processing them one by one",
-                count=len(user_ids),
+                "Taking {count} device-list EDU(s) together failed ({error}); queueing them",
+                count=len(updates),
                 error=repr(e),
             )
-        finally:
-            for user_id in user_ids:
-                slot = self._slot(user_id)
-                slot.running = False
-                if failed or slot.again:
-                    self._kick(user_id)
-                else:
-                    self._maybe_forget(user_id)
+            self._give_back(idle)
+            await self._queue(updates, now_ms)
+            for user_id in by_user:
+                self._kick(user_id)
+            return
+        self._give_back(idle)
+        for user_id in by_user:
+            if user_id not in idle:
+                self._kick(user_id)
 
-    async def _iterate_together(self, user_ids: list[str]) -> None:
-        # Tracking was checked as the EDUs came in; an untracking since
-        # leaves drop_pending, which the user's own worker acts on next.
-        inboxes = await self._store.get_remote_inbox_states(user_ids)
-        plans: dict[str, _Plan] = {}
-        for user_id in user_ids:
-            inbox = inboxes[user_id]
-            if self._slot(user_id).drop_pending or not inbox.entries:
-                continue
-            plans[user_id] = self._plan_batch(user_id, inbox.state, inbox.entries)
-        batches = [p.batch for p in plans.values() if p.batch is not None]
-        results = {}
-        if batches:
-            applied = await self._store.apply_remote_batches(batches, self._now_ms())
-            results = {b.user_id: r for b, r in zip(batches, applied)}
+    def _give_back(self, user_ids: Sequence[str]) -> None:
+        """Give users claimed by :meth:`_take` back to their workers."""
         for user_id in user_ids:
             slot = self._slot(user_id)
+            slot.running = False
+            if slot.again:
+                self._kick(user_id)
+            else:
+                self._maybe_forget(user_id)
+
+    async def _take_together(
+        self, by_user: Mapping[str, list[DeviceListUpdate]], idle: list[str], now_ms: int
+    ) -> None:
+        inboxes = await self._store.get_remote_inbox_states(idle) if idle else {}
+        plans: dict[str, _Plan] = {}
+        batches: list[RemoteBatch] = []
+        for user_id, new in by_user.items():
+            inbox = inboxes.get(user_id)
+            if inbox is None or self._slot(user_id).drop_pending:
+                # busy: queued for its worker (an untracked user's too, which
+                # its worker then drops)
+                batches.append(
+                    RemoteBatch(user_id, (), None, frozenset(), None, self._entries(new, now_ms))
+                )
+                continue
+            plan = self._plan_batch(user_id, inbox.state, inbox.entries, new, now_ms)
+            plans[user_id] = plan
+            if plan.batch is not None:
+                batches.append(plan.batch)
+        results = await self._store.apply_remote_batches(batches, now_ms)
+        by_batch = {b.user_id: r for b, r in zip(batches, results)}
+        for update in (u for new in by_user.values() for u in new):
+            self.stats["edu_queued"] += 1
+        for user_id, plan in plans.items():
+            slot = self._slot(user_id)
             sync = inboxes[user_id].state
-            plan = plans.get(user_id)
-            if plan is not None:
-                sync = self._finish_batch(user_id, slot, plan, results.get(user_id), sync)
-            elif not slot.drop_pending:
-                self._cancel_hold(slot)
+            sync = self._finish_batch(user_id, slot, plan, by_batch.get(user_id), sync)
             if sync is not None and sync.stale and not slot.drop_pending:
                 self._want_resync(user_id, sync)
+
+    async def _queue(self, updates: list[DeviceListUpdate], now_ms: int) -> None:
+        """Queue EDUs for the users' workers."""
+        flags = await self._store.queue_remote_updates(self._entries(updates, now_ms))
+        for update, new in zip(updates, flags):
+            self.stats["edu_queued" if new else "edu_already_queued"] += 1
+            if new:
+                self._keep_parsed(update)
+
+    def _entries(self, updates: Sequence[DeviceListUpdate], now_ms: int) -> tuple[InboxEntry, ...]:
+        return tuple(
+            InboxEntry(u.user_id, u.stream_id, device_list_update_to_json(u), now_ms)
+            for u in updates
+        )
+
+    def _keep_parsed(self, update: DeviceListUpdate) -> None:
+        """The inbox row is this update's JSON: keep the parse for when it is decided on."""
+        if len(self._parsed) >= _PARSED_KEPT:
+            del self._parsed[next(iter(self._parsed))]
+        self._parsed[(update.user_id, update.stream_id)] = update
 
     def _loop_ended(self, result: object, loop: "Deferred[None]") -> None:
         self._loops.discard(loop)
@@ -956,9 +979,16 @@ class RemoteDeviceListUpdater:
         return self._finish_batch(user_id, slot, plan, result, sync)
 
     def _plan_batch(
-        self, user_id: str, sync: Optional[RemoteSyncState], entries: Sequence[QueuedUpdate]
+        self,
+        user_id: str,
+        sync: Optional[RemoteSyncState],
+        entries: Sequence[QueuedUpdate],
+        new: Sequence[DeviceListUpdate] = (),
+        now_ms: int = 0,
     ) -> "_Plan":
-        """The decision on a user's queued EDUs, and what to commit for it."""
+        """The decision on a user's queued EDUs and on ``new`` ones (received
+        at ``now_ms``, not queued yet), and what to commit for it: queued
+        EDUs decided on are deleted, new ones held are queued."""
         updates: list[DeviceListUpdate] = []
         unusable: list[int] = []
         for entry in entries:
@@ -981,6 +1011,14 @@ class RemoteDeviceListUpdater:
                 continue
             updates.append(update)
         received = {e.stream_id: e.received_ts / 1000.0 for e in entries}
+        fresh: dict[int, DeviceListUpdate] = {}
+        for update in new:
+            if update.stream_id in received or update.stream_id in fresh:
+                self.stats["edu_already_queued"] += 1
+                continue
+            fresh[update.stream_id] = update
+            received[update.stream_id] = now_ms / 1000.0
+            updates.append(update)
         now = self._clock.seconds()
         allow_hold = now < min(received.values()) + self.config.hold_grace
         decision = decide(
@@ -995,20 +1033,26 @@ class RemoteDeviceListUpdater:
         # process -- from clearing the mark that now also stands for them.
         mark = None if decision.resync is None else decision.resync.value
         processed = set(unusable)
+        held: list[DeviceListUpdate] = []
         for d in decision.decisions:
-            if d.action is not Action.HOLD:
+            if d.update.stream_id in fresh:
+                if d.action is Action.HOLD:
+                    held.append(d.update)
+                    self._keep_parsed(d.update)
+            elif d.action is not Action.HOLD:
                 processed.add(d.update.stream_id)
         known = None
         if decision.applied and decision.state is not None:
             known = decision.state.known_ids
         batch = None
-        if processed or mark or known is not None:
+        if processed or mark or known is not None or held:
             batch = RemoteBatch(
                 user_id,
                 tuple(decision.applied),
                 None if known is None else frozenset(known),
                 frozenset(processed),
                 mark,
+                self._entries(held, now_ms),
             )
         return _Plan(decision, mark, received, batch)
 

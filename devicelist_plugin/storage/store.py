@@ -1459,14 +1459,17 @@ class Store:
         assert row is not None
         return int(row[0]), int(row[1])
 
-    def _replace_known_ids(self, t: Txn, user_id: str, known_ids: Collection[int]) -> None:
+    def _replace_known_ids(
+        self, t: Txn, user_id: str, known_ids: Collection[int]
+    ) -> frozenset[int]:
         """Keep the newest ``known_ids_window`` of ``known_ids`` in the user's
-        sync row (which the caller has locked, so it exists)."""
+        sync row (which the caller has locked, so it exists); return them."""
         kept = sorted(set(known_ids))[-self.known_ids_window :]
         t.execute(
             "UPDATE remote_sync_state SET known_stream_ids = ? WHERE user_id = ?",
             (_known_ids_text(kept), user_id),
         )
+        return frozenset(kept)
 
     @staticmethod
     def _remote_device_row(user_id: str, device: RemoteDevice) -> tuple[Any, ...]:
@@ -1474,7 +1477,11 @@ class Store:
         return (user_id, device.device_id, device.display_name, keys)
 
     @staticmethod
-    def _read_remote_sync_state(t: Txn, user_id: str) -> Optional[RemoteSyncState]:
+    def _read_remote_sync_state(
+        t: Txn, user_id: str, known: Optional[frozenset[int]] = None
+    ) -> Optional[RemoteSyncState]:
+        """The user's sync row; ``known``, when given, are its known stream
+        ids as this transaction wrote them (not parsed again)."""
         row = t.query_one(
             "SELECT snapshot_stream_id, stale_generation, cleared_generation, stale_reason,"
             " stale_since_ts, last_resync_ts, resync_attempts, resync_retry_ts,"
@@ -1486,7 +1493,7 @@ class Store:
         return RemoteSyncState(
             user_id=user_id,
             snapshot_stream_id=None if row[0] is None else int(row[0]),
-            known_ids=_known_ids_of(row[8]),
+            known_ids=_known_ids_of(row[8]) if known is None else known,
             stale_generation=int(row[1]),
             cleared_generation=int(row[2]),
             stale_reason=row[3],
@@ -1610,11 +1617,9 @@ class Store:
         if len(set(users)) != len(users):
             return fail(ValueError("more than one batch for a user"))
         for batch in batches:
-            for update in batch.applied:
-                if update.user_id != batch.user_id:
-                    return fail(
-                        ValueError(f"update of {update.user_id!r} passed for {batch.user_id!r}")
-                    )
+            for owner in [u.user_id for u in batch.applied] + [e.user_id for e in batch.queue]:
+                if owner != batch.user_id:
+                    return fail(ValueError(f"update of {owner!r} passed for {batch.user_id!r}"))
         # rows locked in user order: two processes never wait on each other in a cycle
         order = sorted(range(len(batches)), key=lambda i: batches[i].user_id)
 
@@ -1634,8 +1639,9 @@ class Store:
         for update in batch.applied:
             if self._apply_remote_update(t, update):
                 changed.add(update.device_id)
+        known = None
         if batch.known_ids is not None:
-            self._replace_known_ids(t, user_id, batch.known_ids)
+            known = self._replace_known_ids(t, user_id, batch.known_ids)
         generation = None
         if batch.stale_reason is not None:
             generation = self._mark_remote_stale(t, user_id, batch.stale_reason, now_ms)
@@ -1643,7 +1649,9 @@ class Store:
             "DELETE FROM remote_device_inbox WHERE user_id = ? AND stream_id = ?",
             [(user_id, stream_id) for stream_id in sorted(batch.processed_stream_ids)],
         )
-        state = self._read_remote_sync_state(t, user_id)
+        for entry in batch.queue:
+            self._queue_remote_update(t, entry)
+        state = self._read_remote_sync_state(t, user_id, known)
         return RemoteBatchResult(tuple(sorted(changed)), generation, state)
 
     @staticmethod
@@ -1852,21 +1860,20 @@ class Store:
         return self.queue_remote_updates([entry]).addCallback(lambda queued: queued[0])
 
     def queue_remote_updates(self, entries: Sequence[InboxEntry]) -> "Deferred[list[bool]]":
-        rows = [(e.user_id, e.stream_id, dumps(e.content), e.received_ts) for e in entries]
-
         def txn(t: Txn) -> list[bool]:
-            return [
-                t.query_one(
-                    "INSERT INTO remote_device_inbox"
-                    " (user_id, stream_id, content_json, received_ts) VALUES (?, ?, ?, ?)"
-                    " ON CONFLICT (user_id, stream_id) DO NOTHING RETURNING 1",
-                    row,
-                )
-                is not None
-                for row in rows
-            ]
+            return [self._queue_remote_update(t, entry) for entry in entries]
 
         return self.database.run("queue_remote_updates", txn)
+
+    @staticmethod
+    def _queue_remote_update(t: Txn, entry: InboxEntry) -> bool:
+        row = t.query_one(
+            "INSERT INTO remote_device_inbox"
+            " (user_id, stream_id, content_json, received_ts) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (user_id, stream_id) DO NOTHING RETURNING 1",
+            (entry.user_id, entry.stream_id, dumps(entry.content), entry.received_ts),
+        )
+        return row is not None
 
     @staticmethod
     def _read_remote_inbox(t: Txn, user_id: str) -> list[QueuedUpdate]:

@@ -280,6 +280,8 @@ class RemoteBatch:
     processed_stream_ids: frozenset[int]
     # a stale mark to make, with its reason, or None
     stale_reason: Optional[str]
+    # EDUs to queue (as ``queue_remote_updates``; a copy already queued is kept)
+    queue: tuple["InboxEntry", ...] = ()
 
 
 @dataclass(frozen=True)

@@ -356,16 +356,23 @@ class StorageFailureTests(InboundCase):
     def test_edu_not_stored_means_500_and_the_retry_is_applied(self) -> None:
         self.a.track(U)
         u = self.s.user("u")
-        original = self.a.store.queue_remote_updates
-        calls: list[int] = []
+        store = self.a.store
+        calls: list[str] = []
 
-        def failing(*args: Any) -> "Deferred[list[bool]]":
-            calls.append(1)
-            if len(calls) == 1:
-                return fail(RuntimeError("disk full"))
-            return original(*args)
+        def failing_once(name: str) -> None:
+            original = getattr(store, name)
 
-        self.a.store.queue_remote_updates = failing  # type: ignore[method-assign, assignment]
+            def failing(*args: Any) -> Any:
+                calls.append(name)
+                if calls.count(name) == 1:
+                    return fail(RuntimeError("disk full"))
+                return original(*args)
+
+            setattr(store, name, failing)
+
+        # neither applying nor, then, queueing works
+        failing_once("apply_remote_batches")
+        failing_once("queue_remote_updates")
         edu = u.edu("D1")
         d = self.s.send([edu], txn_id="t1")
         self.network.flush()
@@ -544,11 +551,12 @@ class StopWhileWorkingTests(InboundCase):
         u = self.s.user("u")
         self.deliver(self.s, [u.edu("D1")])
         gate: "Deferred[Any]" = Deferred()
-        self.a.store.apply_remote_batch = lambda *args: gate  # type: ignore[method-assign]
+        self.a.store.apply_remote_batches = lambda *args: gate  # type: ignore[method-assign]
         self.s.send([u.edu("D1", name="renamed")], txn_id="late")
         self.network.flush()
         self.a.inbound.stop()
         gate.errback(RuntimeError("database closed"))  # the store closing under it
+        self.network.flush()  # (the transaction is answered)
         self.flushLoggedErrors(RuntimeError)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
@@ -595,8 +603,10 @@ class TransactionTogetherTests(InboundCase):
         self.assertEqual(self.fetches(u1.user_id), 2)
         self.commits.clear()
         self.deliver(self.s, [u1.edu("D3"), u2.edu("D2"), u3.edu("D2")])
-        # u2 and u3 at once, together; u1 waits for its snapshot
-        self.assertEqual(self.commits, [[u2.user_id, u3.user_id]])
+        # u2 and u3 applied at once, in one commit with u1's EDU queued: u1
+        # waits for its snapshot
+        self.assertEqual(self.commits, [[u1.user_id, u2.user_id, u3.user_id]])
+        self.assertIn("D2", self.a.cached_devices(u2.user_id))
         self.assertNotIn("D3", self.a.cached_devices(u1.user_id))
         self.s.gate = None
         gate.callback(None)

@@ -122,12 +122,17 @@ class OutboundStoreMixin(_Base):
         self.assertEqual(await store.join_room("!a", BOB, OURS), {BOB: frozenset({D})})
         self.assertEqual(await store.get_servers_sharing_room(ALICE, OURS), frozenset({D}))
         self.assertTrue(await store.is_user_tracked(REMOTE, OURS))
+        self.assertEqual(
+            await store.get_tracked_users([REMOTE, "@stranger:d.test", ALICE], OURS),
+            frozenset({REMOTE, ALICE}),
+        )
         self.assertEqual(await store.get_room_members("!a"), [ALICE, BOB, REMOTE])
         self.assertEqual((await store.get_outbound_batch(D, 1)).resets, {ALICE: None, BOB: None})
         self.assertEqual(await store.leave_room("!a", ALICE, OURS), [])
         self.assertEqual(await store.leave_room("!a", BOB, OURS), [REMOTE])
         self.assertEqual(await store.leave_room("!a", BOB, OURS), [])
         self.assertFalse(await store.is_user_tracked(REMOTE, OURS))
+        self.assertEqual(await store.get_tracked_users([REMOTE], OURS), frozenset())
         self.assertEqual(await store.get_servers_sharing_room(ALICE, OURS), frozenset())
 
 
