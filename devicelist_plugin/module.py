@@ -82,6 +82,9 @@ class ModuleConfig:
         its predecessor before the user is resynced.
     :ivar resync_timeout: seconds for one ``GET /user/devices``.
     :ivar max_devices_per_user: a resync answer listing more is refused.
+    :ivar resyncs_per_server: resyncs in flight to one healthy server.
+    :ivar user_backoff: the per-user resync backoff after an error about
+        that user (5 min, doubling, up to a day).
     :ivar transport: the federation layer's values (key refresh, notaries,
         body and response size limits, timeouts).
     :ivar old_verify_keys: retired signing keys, still published.
@@ -93,6 +96,8 @@ class ModuleConfig:
     hold_grace: float = UpdaterConfig.hold_grace
     resync_timeout: float = UpdaterConfig.resync_timeout
     max_devices_per_user: int = UpdaterConfig.max_devices_per_user
+    resyncs_per_server: int = UpdaterConfig.resyncs_per_server
+    user_backoff: BackoffPolicy = UpdaterConfig.user_backoff
     transport: FederationTransportConfig = field(default_factory=FederationTransportConfig)
     old_verify_keys: tuple[OldVerifyKey, ...] = ()
     query_timeout: float = 10.0
@@ -103,6 +108,8 @@ class ModuleConfig:
                 hold_grace=self.hold_grace,
                 resync_timeout=self.resync_timeout,
                 max_devices_per_user=self.max_devices_per_user,
+                resyncs_per_server=self.resyncs_per_server,
+                user_backoff=self.user_backoff,
             ),
             query_timeout=self.query_timeout,
         )

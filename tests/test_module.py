@@ -87,6 +87,17 @@ class TwoModulesTests(SynchronousTestCase):
         self.assertEqual(config.hold_grace, 2.0)
         self.assertEqual(config.resync_timeout, 30.0)
         self.assertEqual(config.max_devices_per_user, 50_000)
+        self.assertEqual(config.resyncs_per_server, 5)
+        self.assertEqual(config.user_backoff, BackoffPolicy(300.0, 2.0, 86_400.0))
+
+    def test_updater_settings_reach_the_updater(self) -> None:
+        policy = BackoffPolicy(min_interval=60.0, multiplier=3.0, max_interval=3600.0)
+        config = ModuleConfig(hold_grace=0.5, resyncs_per_server=2, user_backoff=policy)
+        updater = config.inbound_config().updater
+        self.assertEqual(
+            (updater.hold_grace, updater.resyncs_per_server, updater.user_backoff),
+            (0.5, 2, policy),
+        )
 
     def test_device_change_reaches_the_other_cache_and_query(self) -> None:
         device = self.add_device(self.a, ALICE, "PHONE")
