@@ -35,14 +35,17 @@ ratio, and writes everything as JSON.  Scenarios (``--only``, repeatable):
     its last device (polled every 0.25 s, one device asked for).
 
 Both servers run throughout; the one not being measured is idle.  The serve
-runs of the two alternate.  ``--profile DIR`` records the servers with
+runs of the two alternate.  ``--database postgres`` puts both on one
+throwaway PostgreSQL cluster (``initdb``/``pg_ctl`` as for the tests, Unix
+socket only, the server's durable defaults), a database each, instead of
+SQLite; psycopg2 is then installed into the Synapse virtualenv if missing.  ``--profile DIR`` records the servers with
 ``py-spy`` during the inbound run, the concurrency-16 serve runs and the big
 resync (collapsed stacks).
 
 Run from the repository root (needs ``wrk`` and a Synapse virtualenv, see
 ``interop/synapse.py``)::
 
-    python bench/side_by_side.py [--only serve] [--seconds 10] [--json out.json]
+    python bench/side_by_side.py [--only serve] [--seconds 10] [--database postgres] [--json out.json]
 """
 
 from __future__ import annotations
@@ -70,14 +73,28 @@ from bench.load import SignedSender, run_wrk  # noqa: E402
 from bench.targets import (  # noqa: E402
     PASSWORD,
     OursTarget,
+    PostgresDatabase,
     SynapseTarget,
     Target,
     cpu_seconds,
     rss_kb,
 )
 from interop.common import wait_until  # noqa: E402
+from interop.synapse import synapse_python  # noqa: E402
+from tests.storage.pgcluster import start_cluster  # noqa: E402
 
 SCENARIOS = ("serve", "inbound", "latency", "fanout", "big")
+# PostgreSQL's durable defaults (fsync, synchronous_commit), no TCP listener
+BENCH_POSTGRES_OPTIONS = "-c listen_addresses='' -c max_connections=200"
+
+
+def ensure_synapse_psycopg2() -> None:
+    """Synapse's PostgreSQL driver in its virtualenv (the interop harness
+    installs Synapse for SQLite only)."""
+    python = synapse_python()
+    if subprocess.run([python, "-c", "import psycopg2"], capture_output=True).returncode != 0:
+        log("installing psycopg2-binary into the Synapse virtualenv")
+        subprocess.run([python, "-m", "pip", "install", "--quiet", "psycopg2-binary"], check=True)
 Results = dict[str, Any]
 
 
@@ -505,6 +522,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                              "stacks into DIR")
     parser.add_argument("--profile-gil", action="store_true",
                         help="with --profile: sample only the thread holding the GIL")
+    parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite",
+                        help="both servers on SQLite (default), or both on one throwaway "
+                             "PostgreSQL cluster (durable settings), a database each")
     parser.add_argument("--keep", action="store_true", help="keep the servers' directories")
     parser.add_argument("--report", metavar="JSON",
                         help="print the table of an earlier run's JSON and exit")
@@ -527,8 +547,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     workdir = tempfile.mkdtemp(prefix="side-by-side-")
     results: Results = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                         "load_before": os.getloadavg(), "args": vars(args)}
+    databases: dict[str, Optional[PostgresDatabase]] = {kind: None for kind in kinds}
+    stop_cluster: Callable[[], None] = lambda: None
+    if args.database == "postgres":
+        if "synapse" in kinds:
+            ensure_synapse_psycopg2()
+        cluster, stop_cluster = start_cluster(BENCH_POSTGRES_OPTIONS)
+        for kind in kinds:
+            name, dsn = cluster.create_database()
+            databases[kind] = PostgresDatabase(dsn, name)
+    results["database"] = args.database
     targets: list[Target] = [
-        (OursTarget if kind == "ours" else SynapseTarget)(os.path.join(workdir, kind))
+        (OursTarget if kind == "ours" else SynapseTarget)(os.path.join(workdir, kind),
+                                                          databases[kind])
         for kind in kinds
     ]
     try:
@@ -536,6 +567,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     finally:
         for target in targets:
             target.stop()
+        stop_cluster()
         results["load_after"] = os.getloadavg()
         for p in peers:
             thread.call(p.close)

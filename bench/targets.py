@@ -70,13 +70,52 @@ def cpu_seconds(pid: Optional[int]) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class PostgresDatabase:
+    """A database of the benchmark's PostgreSQL cluster for one server: its
+    ``database`` configuration section (the same shape for both servers)
+    and its size."""
+
+    def __init__(self, dsn: str, name: str) -> None:
+        from psycopg2.extensions import parse_dsn
+
+        self.dsn = dsn
+        self.name = name
+        self.args: dict[str, Any] = dict(parse_dsn(dsn))
+
+    def config(self) -> dict[str, Any]:
+        args = {k: self.args[k] for k in ("host", "port", "user") if k in self.args}
+        return {"name": "psycopg2",
+                "args": {**args, "database": self.name, "cp_min": 5, "cp_max": 10}}
+
+    def connect(self) -> Any:
+        import psycopg2
+
+        return psycopg2.connect(self.dsn)
+
+    def size(self) -> int:
+        conn = self.connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_database_size(current_database())")
+                return int(cur.fetchone()[0])
+        finally:
+            conn.close()
+
+
+def database_config(database: Optional[PostgresDatabase]) -> Optional[dict[str, Any]]:
+    """``extra_config`` for a server on ``database`` (None: its SQLite default)."""
+    return None if database is None else {"database": database.config()}
+
+
 class Target:
-    """One server under test."""
+    """One server under test (on SQLite, or on ``database``)."""
 
     label = ""
 
-    def __init__(self, server: MatrixServerProcess) -> None:
+    def __init__(self, server: MatrixServerProcess,
+                 database: Optional[PostgresDatabase] = None) -> None:
         self.server = server
+        self.database = database
         self.room_id = ""
         self.local_user = ""
         self.local_token = ""
@@ -96,7 +135,10 @@ class Target:
         self.server.stop()
 
     def db_bytes(self) -> int:
-        """The database files' size (with SQLite's WAL and shared memory)."""
+        """The database's size: SQLite's files (with the WAL and shared
+        memory), or ``pg_database_size``."""
+        if self.database is not None:
+            return self.database.size()
         return sum(os.path.getsize(p) for p in glob.glob(os.path.join(self.server.workdir, "*.db*")))
 
     def setup_room(self) -> None:
@@ -141,8 +183,9 @@ class OursTarget(Target):
     label = "ours"
     server: DevicelistServer
 
-    def __init__(self, workdir: str) -> None:
-        super().__init__(DevicelistServer(workdir))
+    def __init__(self, workdir: str, database: Optional[PostgresDatabase] = None) -> None:
+        super().__init__(DevicelistServer(workdir, extra_config=database_config(database)),
+                         database)
 
     def _create_room(self) -> str:
         room_id = "!bench:" + self.server_name
@@ -154,7 +197,7 @@ class OursTarget(Target):
             self.server.add_member(self.room_id, user_id)
 
     def seed_devices(self, user_id: str, count: int, keys: Any) -> None:
-        from devicelist_plugin.storage import open_sqlite_store
+        from devicelist_plugin.storage import open_postgres_store, open_sqlite_store
         from devicelist_plugin.storage.codec import dumps
         from devicelist_plugin.storage.engines import Txn
         from twisted.internet import reactor
@@ -172,7 +215,10 @@ class OursTarget(Target):
                       (user_id,))
 
         async def run() -> None:
-            store = await open_sqlite_store(path, reactor)
+            if self.database is not None:
+                store = await open_postgres_store(self.database.dsn, reactor)
+            else:
+                store = await open_sqlite_store(path, reactor)
             try:
                 await store.database.run("seed", txn)
             finally:
@@ -194,8 +240,9 @@ class SynapseTarget(Target):
     label = "synapse"
     server: SynapseServer
 
-    def __init__(self, workdir: str) -> None:
-        super().__init__(SynapseServer(workdir))
+    def __init__(self, workdir: str, database: Optional[PostgresDatabase] = None) -> None:
+        super().__init__(SynapseServer(workdir, extra_config=database_config(database)),
+                         database)
 
     def _create_room(self) -> str:
         return self.server.create_room(self.local_token)
@@ -205,19 +252,21 @@ class SynapseTarget(Target):
             join_room(self.server_name, self.room_id, user_id, origin, key)
 
     def seed_devices(self, user_id: str, count: int, keys: Any) -> None:
-        path = os.path.join(self.server.workdir, "homeserver.db")
-
-        db = sqlite3.connect(path)
+        if self.database is not None:
+            db, mark = self.database.connect(), "%s"
+        else:
+            db, mark = sqlite3.connect(os.path.join(self.server.workdir, "homeserver.db")), "?"
         try:
             with db:
-                db.executemany(
+                cur = db.cursor()
+                cur.executemany(
                     "INSERT INTO devices (user_id, device_id, display_name, hidden)"
-                    " VALUES (?, ?, NULL, FALSE)",
+                    f" VALUES ({mark}, {mark}, NULL, FALSE)",
                     [(user_id, f"SEED{i:06d}") for i in range(count)],
                 )
-                db.executemany(
+                cur.executemany(
                     "INSERT INTO e2e_device_keys_json (user_id, device_id, ts_added_ms, key_json)"
-                    " VALUES (?, ?, 1700000000000, ?)",
+                    f" VALUES ({mark}, {mark}, 1700000000000, {mark})",
                     [(user_id, f"SEED{i:06d}", json.dumps(keys(user_id, f"SEED{i:06d}")))
                      for i in range(count)],
                 )

@@ -80,7 +80,7 @@ class Txn:
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         batch = [tuple(r) for r in rows]
         if batch:
-            self._cursor.executemany(self.dialect.convert(sql), batch)
+            self.dialect.executemany(self._cursor, self.dialect.convert(sql), batch)
 
     def insert_many(
         self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
@@ -148,6 +148,10 @@ class Dialect(abc.ABC):
 
     def check_server(self, txn: Txn) -> None:
         """Raise :class:`UnsupportedDatabaseError` if the engine is too old."""
+
+    def executemany(self, cursor: Any, sql: str, rows: list[Row]) -> None:
+        """Run ``sql`` (already converted) once per row."""
+        cursor.executemany(sql, rows)
 
     def insert_many(self, cursor: Any, table: str, columns: Sequence[str], rows: list[Row]) -> None:
         marks = ", ".join("?" for _ in columns)
@@ -252,6 +256,10 @@ class PostgresDialect(Dialect):
                 f"PostgreSQL server version {version} is too old: devicelist-plugin "
                 f"needs {MIN_POSTGRES_VERSION // 10000} or newer"
             )
+
+    def executemany(self, cursor: Any, sql: str, rows: list[Row]) -> None:
+        # pages of statements in one round trip each, not a round trip per row
+        self._extras.execute_batch(cursor, sql, rows, page_size=100)
 
     def insert_many(self, cursor: Any, table: str, columns: Sequence[str], rows: list[Row]) -> None:
         sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES %s"

@@ -19,7 +19,7 @@ state after the stream id it reports.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Collection, Iterable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Iterable, Mapping, Optional, Sequence, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
 
@@ -88,13 +88,15 @@ if TYPE_CHECKING:
 
 # How many stream ids of applied EDUs are remembered per remote user.
 DEFAULT_KNOWN_IDS_WINDOW = 100
+_T = TypeVar("_T")
+
 # Longest IN (...) list sent in one statement.
 _CHUNK = 500
 
 
-def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
-    for start in range(0, len(items), _CHUNK):
-        yield items[start : start + _CHUNK]
+def _chunks(items: Sequence[_T], size: int = _CHUNK) -> Iterable[Sequence[_T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def _known_ids_text(stream_ids: Iterable[int]) -> str:
@@ -1423,7 +1425,16 @@ class Store:
         users = sorted(set(user_ids))
 
         def txn(t: Txn) -> frozenset[str]:
-            return frozenset(u for u in users if self._is_user_tracked(t, u, own_server_name))
+            tracked: set[str] = set()
+            for chunk in _chunks(users):
+                rows = t.query(
+                    "SELECT DISTINCT a.user_id FROM room_memberships a"
+                    " JOIN room_memberships b ON b.room_id = a.room_id"
+                    f" WHERE a.user_id IN ({_marks(len(chunk))}) AND b.server_name = ?",
+                    (*chunk, own_server_name),
+                )
+                tracked.update(row[0] for row in rows)
+            return frozenset(tracked)
 
         return self.database.run("get_tracked_users", txn, readonly=True)
 
@@ -1476,32 +1487,45 @@ class Store:
         keys = None if device.keys is None else dumps(device.keys.raw)
         return (user_id, device.device_id, device.display_name, keys)
 
+    _SYNC_COLUMNS = (
+        "user_id, snapshot_stream_id, stale_generation, cleared_generation, stale_reason,"
+        " stale_since_ts, last_resync_ts, resync_attempts, resync_retry_ts, known_stream_ids"
+    )
+
     @staticmethod
-    def _read_remote_sync_state(
-        t: Txn, user_id: str, known: Optional[frozenset[int]] = None
-    ) -> Optional[RemoteSyncState]:
-        """The user's sync row; ``known``, when given, are its known stream
-        ids as this transaction wrote them (not parsed again)."""
-        row = t.query_one(
-            "SELECT snapshot_stream_id, stale_generation, cleared_generation, stale_reason,"
-            " stale_since_ts, last_resync_ts, resync_attempts, resync_retry_ts,"
-            " known_stream_ids FROM remote_sync_state WHERE user_id = ?",
-            (user_id,),
-        )
-        if row is None:
-            return None
+    def _sync_state_of(row: Sequence[Any], known: Optional[frozenset[int]]) -> RemoteSyncState:
         return RemoteSyncState(
-            user_id=user_id,
-            snapshot_stream_id=None if row[0] is None else int(row[0]),
-            known_ids=_known_ids_of(row[8]) if known is None else known,
-            stale_generation=int(row[1]),
-            cleared_generation=int(row[2]),
-            stale_reason=row[3],
-            stale_since_ts=None if row[4] is None else int(row[4]),
-            last_resync_ts=None if row[5] is None else int(row[5]),
-            resync_attempts=int(row[6]),
-            resync_retry_ts=None if row[7] is None else int(row[7]),
+            user_id=row[0],
+            snapshot_stream_id=None if row[1] is None else int(row[1]),
+            known_ids=_known_ids_of(row[9]) if known is None else known,
+            stale_generation=int(row[2]),
+            cleared_generation=int(row[3]),
+            stale_reason=row[4],
+            stale_since_ts=None if row[5] is None else int(row[5]),
+            last_resync_ts=None if row[6] is None else int(row[6]),
+            resync_attempts=int(row[7]),
+            resync_retry_ts=None if row[8] is None else int(row[8]),
         )
+
+    def _read_remote_sync_state(self, t: Txn, user_id: str) -> Optional[RemoteSyncState]:
+        return self._read_remote_sync_states(t, [user_id]).get(user_id)
+
+    def _read_remote_sync_states(
+        self, t: Txn, user_ids: Sequence[str], known: Optional[Mapping[str, frozenset[int]]] = None
+    ) -> dict[str, RemoteSyncState]:
+        """The sync rows of those of ``user_ids`` that have one; ``known``
+        holds known stream ids this transaction wrote (not parsed again)."""
+        written = known or {}
+        states: dict[str, RemoteSyncState] = {}
+        for chunk in _chunks(sorted(set(user_ids))):
+            rows = t.query(
+                f"SELECT {self._SYNC_COLUMNS} FROM remote_sync_state"
+                f" WHERE user_id IN ({_marks(len(chunk))})",
+                chunk,
+            )
+            for row in rows:
+                states[row[0]] = self._sync_state_of(row, written.get(row[0]))
+        return states
 
     @staticmethod
     def _read_remote_devices(t: Txn, user_id: str) -> list[RemoteDevice]:
@@ -1620,83 +1644,153 @@ class Store:
             for owner in [u.user_id for u in batch.applied] + [e.user_id for e in batch.queue]:
                 if owner != batch.user_id:
                     return fail(ValueError(f"update of {owner!r} passed for {batch.user_id!r}"))
-        # rows locked in user order: two processes never wait on each other in a cycle
-        order = sorted(range(len(batches)), key=lambda i: batches[i].user_id)
-
         def txn(t: Txn) -> list[RemoteBatchResult]:
-            results: dict[int, RemoteBatchResult] = {}
-            for i in order:
-                results[i] = self._apply_remote_batch(t, batches[i], now_ms)
-            return [results[i] for i in range(len(batches))]
+            return self._apply_remote_batches(t, batches, now_ms)
 
         return self.database.run("apply_remote_batches", txn)
 
-    def _apply_remote_batch(self, t: Txn, batch: RemoteBatch, now_ms: int) -> RemoteBatchResult:
-        user_id = batch.user_id
-        if batch.applied or batch.known_ids is not None or batch.stale_reason is not None:
-            self._lock_remote_user(t, user_id)
-        changed: set[str] = set()
-        for update in batch.applied:
-            if self._apply_remote_update(t, update):
-                changed.add(update.device_id)
-        known = None
-        if batch.known_ids is not None:
-            known = self._replace_known_ids(t, user_id, batch.known_ids)
-        generation = None
-        if batch.stale_reason is not None:
-            generation = self._mark_remote_stale(t, user_id, batch.stale_reason, now_ms)
+    def _apply_remote_batches(
+        self, t: Txn, batches: Sequence[RemoteBatch], now_ms: int
+    ) -> list[RemoteBatchResult]:
+        """Every batch with a few statements for all of them (a round trip
+        per statement is what PostgreSQL charges)."""
+        self._lock_remote_users(
+            t,
+            [
+                b.user_id
+                for b in batches
+                if b.applied or b.known_ids is not None or b.stale_reason is not None
+            ],
+        )
+        changed = self._apply_remote_device_updates(t, [u for b in batches for u in b.applied])
+        known: dict[str, frozenset[int]] = {}
+        for batch in batches:
+            if batch.known_ids is not None:
+                known[batch.user_id] = frozenset(
+                    sorted(batch.known_ids)[-self.known_ids_window :]
+                )
+        t.executemany(
+            "UPDATE remote_sync_state SET known_stream_ids = ? WHERE user_id = ?",
+            [(_known_ids_text(sorted(ids)), user_id) for user_id, ids in sorted(known.items())],
+        )
+        generations = {
+            b.user_id: self._mark_remote_stale(t, b.user_id, b.stale_reason, now_ms)
+            for b in batches
+            if b.stale_reason is not None
+        }
         t.executemany(
             "DELETE FROM remote_device_inbox WHERE user_id = ? AND stream_id = ?",
-            [(user_id, stream_id) for stream_id in sorted(batch.processed_stream_ids)],
+            [(b.user_id, sid) for b in batches for sid in sorted(b.processed_stream_ids)],
         )
-        for entry in batch.queue:
-            self._queue_remote_update(t, entry)
-        state = self._read_remote_sync_state(t, user_id, known)
-        return RemoteBatchResult(tuple(sorted(changed)), generation, state)
+        t.executemany(
+            "INSERT INTO remote_device_inbox (user_id, stream_id, content_json, received_ts)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (user_id, stream_id) DO NOTHING",
+            [
+                (e.user_id, e.stream_id, dumps(e.content), e.received_ts)
+                for b in batches
+                for e in b.queue
+            ],
+        )
+        states = self._read_remote_sync_states(t, [b.user_id for b in batches], known)
+        return [
+            RemoteBatchResult(
+                tuple(sorted(changed.get(b.user_id, ()))),
+                generations.get(b.user_id),
+                states.get(b.user_id),
+            )
+            for b in batches
+        ]
+
+    def _lock_remote_users(self, t: Txn, user_ids: Sequence[str]) -> None:
+        """Create-or-lock the users' sync rows, in user order (two processes
+        never wait on each other in a cycle)."""
+        users = sorted(set(user_ids))
+        found: set[str] = set()
+        for chunk in _chunks(users):
+            rows = t.query(
+                f"SELECT user_id FROM remote_sync_state WHERE user_id IN ({_marks(len(chunk))})"
+                " ORDER BY user_id" + t.dialect.for_update,
+                chunk,
+            )
+            found.update(row[0] for row in rows)
+        for user_id in users:
+            if user_id not in found:
+                self._lock_remote_user(t, user_id)
+
+    def _apply_remote_device_updates(
+        self, t: Txn, updates: Sequence[DeviceListUpdate]
+    ) -> dict[str, set[str]]:
+        """Apply updates (in order) to their devices unless the cache holds a
+        later change of the device; the changed device ids by user."""
+        keys = list(dict.fromkeys((u.user_id, u.device_id) for u in updates))
+        # (stream id, a cached device rather than a deletion's tombstone)
+        initial = self._remote_device_streams(t, keys)
+        current = {key: stream for key, (stream, _) in initial.items()}
+        final: dict[tuple[str, str], DeviceListUpdate] = {}
+        changed: dict[str, set[str]] = {}
+        for update in updates:
+            key = (update.user_id, update.device_id)
+            if not supersedes(update, current.get(key)):
+                continue
+            current[key] = update.stream_id
+            final[key] = update
+            changed.setdefault(update.user_id, set()).add(update.device_id)
+        upserts: list[tuple[Any, ...]] = []
+        deletions: list[tuple[str, str]] = []
+        tombstones: list[tuple[str, str, int]] = []
+        revived: list[tuple[str, str]] = []
+        for key, update in final.items():
+            # a device is never both cached and a tombstone
+            cached_device = key in initial and initial[key][1]
+            tombstone = key in initial and not initial[key][1]
+            if update.deleted:
+                if cached_device:
+                    deletions.append(key)
+                tombstones.append((*key, update.stream_id))
+            else:
+                keys_json = None if update.keys is None else dumps(update.keys.raw)
+                upserts.append((*key, update.display_name, keys_json, update.stream_id))
+                if tombstone:
+                    revived.append(key)
+        t.executemany("DELETE FROM remote_devices WHERE user_id = ? AND device_id = ?", deletions)
+        t.executemany(
+            "INSERT INTO remote_deleted_devices (user_id, device_id, stream_id)"
+            " VALUES (?, ?, ?) ON CONFLICT (user_id, device_id) DO UPDATE SET"
+            " stream_id = excluded.stream_id",
+            tombstones,
+        )
+        t.executemany(
+            "INSERT INTO remote_devices (user_id, device_id, display_name, keys_json, stream_id)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (user_id, device_id) DO UPDATE SET"
+            " display_name = excluded.display_name, keys_json = excluded.keys_json,"
+            " stream_id = excluded.stream_id",
+            upserts,
+        )
+        t.executemany(
+            "DELETE FROM remote_deleted_devices WHERE user_id = ? AND device_id = ?", revived
+        )
+        return changed
 
     @staticmethod
-    def _apply_remote_update(t: Txn, update: DeviceListUpdate) -> bool:
-        """Apply one EDU to its device unless the cache holds a later change."""
-        key = (update.user_id, update.device_id)
-        row = t.query_one(
-            "SELECT stream_id FROM remote_devices WHERE user_id = ? AND device_id = ?", key
-        )
-        # a device is never both cached and a tombstone: only the statements
-        # that can change something are run
-        cached_device = row is not None
-        if row is None:
-            row = t.query_one(
-                "SELECT stream_id FROM remote_deleted_devices WHERE user_id = ? AND device_id = ?",
-                key,
-            )
-        tombstone = not cached_device and row is not None
-        cached = None if row is None or row[0] is None else int(row[0])
-        if not supersedes(update, cached):
-            return False
-        if update.deleted:
-            if cached_device:
-                t.execute("DELETE FROM remote_devices WHERE user_id = ? AND device_id = ?", key)
-            t.execute(
-                "INSERT INTO remote_deleted_devices (user_id, device_id, stream_id)"
-                " VALUES (?, ?, ?) ON CONFLICT (user_id, device_id) DO UPDATE SET"
-                " stream_id = excluded.stream_id",
-                (*key, update.stream_id),
-            )
-        else:
-            keys = None if update.keys is None else dumps(update.keys.raw)
-            t.execute(
-                "INSERT INTO remote_devices"
-                " (user_id, device_id, display_name, keys_json, stream_id)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (user_id, device_id) DO UPDATE SET"
-                " display_name = excluded.display_name, keys_json = excluded.keys_json,"
-                " stream_id = excluded.stream_id",
-                (*key, update.display_name, keys, update.stream_id),
-            )
-            if tombstone:
-                t.execute(
-                    "DELETE FROM remote_deleted_devices WHERE user_id = ? AND device_id = ?", key
+    def _remote_device_streams(
+        t: Txn, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[Optional[int], bool]]:
+        """For each (user, device) the cache knows: the stream id it last
+        changed at, and whether it is a cached device (else a tombstone)."""
+        found: dict[tuple[str, str], tuple[Optional[int], bool]] = {}
+        for table, is_device in (("remote_devices", True), ("remote_deleted_devices", False)):
+            wanted = [key for key in keys if key not in found]
+            for chunk in _chunks(wanted, _CHUNK // 2):
+                pairs = ", ".join("(?, ?)" for _ in chunk)
+                rows = t.query(
+                    f"SELECT user_id, device_id, stream_id FROM {table}"
+                    f" WHERE (user_id, device_id) IN (VALUES {pairs})",
+                    [part for key in chunk for part in key],
                 )
-        return True
+                for user_id, device_id, stream_id in rows:
+                    stream = None if stream_id is None else int(stream_id)
+                    found[(user_id, device_id)] = (stream, is_device)
+        return found
 
     def mark_remote_stale(self, user_id: str, reason: str, now_ms: int) -> "Deferred[int]":
         def txn(t: Txn) -> int:
@@ -1903,11 +1997,20 @@ class Store:
         users = sorted(set(user_ids))
 
         def txn(t: Txn) -> dict[str, RemoteInbox]:
-            return {
-                user_id: RemoteInbox(
-                    state=self._read_remote_sync_state(t, user_id),
-                    entries=tuple(self._read_remote_inbox(t, user_id)),
+            states = self._read_remote_sync_states(t, users)
+            entries: dict[str, list[QueuedUpdate]] = {}
+            for chunk in _chunks(users):
+                rows = t.query(
+                    "SELECT user_id, stream_id, content_json, received_ts FROM remote_device_inbox"
+                    f" WHERE user_id IN ({_marks(len(chunk))}) ORDER BY user_id, stream_id",
+                    chunk,
                 )
+                for user_id, stream_id, text, received in rows:
+                    entries.setdefault(user_id, []).append(
+                        QueuedUpdate(user_id, int(stream_id), text, int(received))
+                    )
+            return {
+                user_id: RemoteInbox(states.get(user_id), tuple(entries.get(user_id, ())))
                 for user_id in users
             }
 

@@ -237,6 +237,55 @@ class InboundStoreTestsMixin(_Base):
             )
         self.assertNotIn("D3", await self.device_ids(store, U))
 
+    async def test_one_commit_orders_changes_of_one_device(self) -> None:
+        """Several changes of a device in one commit end as the last one that
+        supersedes; a tombstone is revived, a newer cached entry kept."""
+        store = await self.store()
+        await store.replace_remote_snapshot(U, snapshot(10, "KEEP", "GONE", "BACK"), 0, 1)
+        await store.apply_remote_batch(U, [update("BACK", 11, deleted=True)], {11}, [], None, 1)
+        other_update = DeviceListUpdate(OTHER, "O1", 3, display_name="o")
+        results = await store.apply_remote_batches(
+            [
+                RemoteBatch(
+                    U,
+                    (
+                        update("GONE", 12, deleted=True),
+                        update("NEW", 13, name="first"),
+                        update("NEW", 14, deleted=True),
+                        update("NEW", 15, name="again"),
+                        update("BACK", 16, name="revived"),
+                        update("KEEP", 9, name="stale"),  # below the snapshot's 10
+                    ),
+                    frozenset({11, 12, 13, 14, 15, 16}),
+                    frozenset(),
+                    None,
+                ),
+                RemoteBatch(OTHER, (other_update,), frozenset({3}), frozenset(), None),
+            ],
+            2,
+        )
+        self.assertEqual(results[0].changed_device_ids, ("BACK", "GONE", "NEW"))
+        self.assertEqual(results[1].changed_device_ids, ("O1",))
+        devices = {d.device_id: d.display_name for d in await store.get_remote_devices(U)}
+        self.assertEqual(devices, {"KEEP": "name KEEP", "NEW": "again", "BACK": "revived"})
+        # the tombstones left: GONE's only (BACK's was revived)
+        self.assertEqual(await self.tombstones(store, U), [("GONE", 12)])
+        # a late change from before GONE's deletion does not bring it back
+        zombie = update("GONE", 11, name="zombie")
+        result = await store.apply_remote_batch(U, [zombie], None, [], None, 3)
+        self.assertEqual(result.changed_device_ids, ())
+
+    async def tombstones(self, store: Store, user_id: str) -> list[tuple[str, int]]:
+        rows = await store.database.run(
+            "tombstones",
+            lambda t: t.query(
+                "SELECT device_id, stream_id FROM remote_deleted_devices WHERE user_id = ?"
+                " ORDER BY device_id",
+                (user_id,),
+            ),
+        )
+        return [(r[0], int(r[1])) for r in rows]
+
     async def device_ids(self, store: Store, user_id: str) -> list[str]:
         return [d.device_id for d in await store.get_remote_devices(user_id)]
 

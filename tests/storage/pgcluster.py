@@ -25,7 +25,7 @@ import socket
 import subprocess
 import tempfile
 import uuid
-from typing import Optional
+from typing import Callable, Optional
 
 from twisted.trial.unittest import SkipTest
 
@@ -69,9 +69,10 @@ class PostgresServer:
 class _Cluster:
     """A private cluster in a temporary directory."""
 
-    def __init__(self, initdb: str, pg_ctl: str) -> None:
+    def __init__(self, initdb: str, pg_ctl: str, server_options: str = _SERVER_OPTIONS) -> None:
         self.initdb = initdb
         self.pg_ctl = pg_ctl
+        self.server_options = server_options
         self.as_postgres = os.geteuid() == 0
         self.base = tempfile.mkdtemp(prefix="devicelist-pg-")
         self.data = os.path.join(self.base, "data")
@@ -102,7 +103,7 @@ class _Cluster:
             os.chown(self.base, entry.pw_uid, entry.pw_gid)
         initdb_options = ["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"]
         self._run(self.initdb, "-D", self.data, *initdb_options)
-        server_options = f"-k {self.base} -p {self.port} {_SERVER_OPTIONS}"
+        server_options = f"-k {self.base} -p {self.port} {self.server_options}"
         self._run(
             self.pg_ctl,
             "-D",
@@ -142,6 +143,21 @@ def _find(name: str) -> Optional[str]:
         return found
     candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)
     return candidates[0] if candidates else None
+
+
+def start_cluster(server_options: str) -> tuple[PostgresServer, Callable[[], None]]:
+    """A private cluster (Unix socket only) started with ``server_options``
+    (``-c name=value ...``), and the function that stops and removes it; for
+    the benchmarks, which want the server's durable defaults."""
+    initdb, pg_ctl = _find("initdb"), _find("pg_ctl")
+    if initdb is None or pg_ctl is None:
+        raise RuntimeError("initdb/pg_ctl not found (apt-get install postgresql)")
+    cluster = _Cluster(initdb, pg_ctl, server_options)
+    try:
+        return PostgresServer(cluster.start()), cluster.stop
+    except BaseException:
+        cluster.stop()
+        raise
 
 
 _server: Optional[PostgresServer] = None
