@@ -340,12 +340,14 @@ def parse_device_keys(
     *,
     expected_user_id: Optional[str] = None,
     expected_device_id: Optional[str] = None,
+    owned: bool = False,
 ) -> DeviceKeys:
     """Parse a client-server ``DeviceKeys`` object.
 
     ``raw`` keeps a deep copy of the whole object (unknown fields and
     ``unsigned`` included) so that it can be re-served and its signatures
-    checked.
+    checked; the object itself when ``owned`` (the caller decoded it and
+    hands it over: nothing else holds it).
     """
     d = _expect_object(obj, path)
     user_id = _user_id(
@@ -379,7 +381,7 @@ def parse_device_keys(
         algorithms=algorithms,
         keys=keys,
         signatures=signatures,
-        raw=copy_json(d),
+        raw=d if owned else copy_json(d),
     )
 
 
@@ -499,9 +501,10 @@ def _optional_cross_signing_key(
 
 
 def parse_user_devices_response(
-    body: object, path: str = "", *, expected_user_id: Optional[str] = None
+    body: object, path: str = "", *, expected_user_id: Optional[str] = None, owned: bool = False
 ) -> UserDevicesResponse:
-    """Parse a ``GET /_matrix/federation/v1/user/devices/{userId}`` answer.
+    """Parse a ``GET /_matrix/federation/v1/user/devices/{userId}`` answer
+    (``owned``: the caller hands ``body`` over, see :func:`parse_device_keys`).
 
     Fatal (:class:`ParseError`): a non-object body, a missing or wrong
     ``user_id``, a bad ``stream_id``, ``devices`` missing or not a list.
@@ -524,7 +527,7 @@ def parse_user_devices_response(
     for i, item in enumerate(items):
         device_path = _index(devices_path, i)
         try:
-            device = _parse_remote_device(item, device_path, user_id)
+            device = _parse_remote_device(item, device_path, user_id, owned)
         except ParseError as e:
             skipped.append(ParseProblem(e.path, e.message))
             continue
@@ -559,7 +562,7 @@ def parse_user_devices_response(
 
 
 def _optional_device_keys(
-    obj: JsonDict, path: str, user_id: str, device_id: str
+    obj: JsonDict, path: str, user_id: str, device_id: str, owned: bool = False
 ) -> Optional[DeviceKeys]:
     """The optional ``keys`` of a device entry (missing or null: None); they
     must name the entry's user and device."""
@@ -571,13 +574,14 @@ def _optional_device_keys(
         _field(path, "keys"),
         expected_user_id=user_id,
         expected_device_id=device_id,
+        owned=owned,
     )
 
 
-def _parse_remote_device(item: object, path: str, user_id: str) -> RemoteDevice:
+def _parse_remote_device(item: object, path: str, user_id: str, owned: bool) -> RemoteDevice:
     d = _expect_object(item, path)
     device_id = _device_id(_required(d, "device_id", path), _field(path, "device_id"))
-    keys = _optional_device_keys(d, path, user_id, device_id)
+    keys = _optional_device_keys(d, path, user_id, device_id, owned)
     display_name = _display_name(
         _optional(d, "device_display_name"), _field(path, "device_display_name")
     )

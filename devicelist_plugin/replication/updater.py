@@ -1431,7 +1431,8 @@ class RemoteDeviceListUpdater:
             )
         try:
             snapshot = await self._cpu_runner(
-                lambda: parse_user_devices_response(body, expected_user_id=user_id)
+                # (the body was decoded for this call alone: its keys are not copied)
+                lambda: parse_user_devices_response(body, expected_user_id=user_id, owned=True)
             )
         except ParseError as e:
             self.stats["resync_invalid_answer"] += 1

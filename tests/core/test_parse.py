@@ -615,6 +615,16 @@ class UserDevicesResponseTests(_TableMixin):
         self.assertEqual(r.self_signing_key.usage, ("self_signing",))
         self.assertEqual(r.skipped, ())
 
+    def test_keys_are_copied_unless_the_body_is_handed_over(self) -> None:
+        body = devices_body()
+        copied = parse_user_devices_response(body, expected_user_id=ALICE)
+        owned = parse_user_devices_response(body, expected_user_id=ALICE, owned=True)
+        raw = body["devices"][1]["keys"]
+        assert copied.devices[1].keys is not None and owned.devices[1].keys is not None
+        self.assertEqual(copied.devices[1].keys.raw, raw)
+        self.assertIsNot(copied.devices[1].keys.raw, raw)
+        self.assertIs(owned.devices[1].keys.raw, raw)
+
     def test_empty_and_minimal(self) -> None:
         r = parse_user_devices_response({"user_id": ALICE, "stream_id": 0, "devices": []})
         self.assertEqual(r, UserDevicesResponse(user_id=ALICE, stream_id=0, devices=()))
