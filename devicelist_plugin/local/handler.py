@@ -40,6 +40,10 @@ are read in one short transaction, assembled from the stored keys' JSON text
 by the ``cpu_runner`` (a worker thread on a real reactor), and, for users
 with many devices, kept for the user's last stream id: the servers that
 refetch after a change are served the same bytes without another read.
+Federation key query answers (:meth:`LocalDeviceHandler.encoded_federation_query_keys`)
+keep each user's encoded part for the stream id it was read at, whatever the
+user's size: while the stream id read with the keys is the same, the part is
+served again instead of being decoded, rebuilt and encoded.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from typing import (
     Callable,
     Collection,
     Coroutine,
+    Generic,
     Mapping,
     Optional,
     Protocol,
@@ -97,10 +102,14 @@ from devicelist_plugin.federation.errors import (
     MatrixError,
 )
 from devicelist_plugin.local.serving import (
+    EncodedUserKeys,
     cross_signing_key_json,
     device_keys_json,
+    encode_keys_query_body,
     encode_user_devices_body,
+    encode_user_keys,
     signatures_by_target,
+    user_device_keys,
     user_devices_body,
 )
 from devicelist_plugin.membership import MembershipSource
@@ -129,6 +138,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+A = TypeVar("A")
 
 #: Answers for fewer devices are encoded on the calling thread, not by the
 #: ``cpu_runner``.
@@ -138,37 +148,42 @@ INLINE_ENCODE_MAX_DEVICES = 100
 DEFAULT_ANSWER_CACHE_BYTES = 64 * 1024 * 1024
 
 
-class _AnswerCache:
-    """Encoded ``/user/devices`` answers by user: the last one of each user
-    (its stream id and whether names were included), least recently used
-    dropped first when over ``max_bytes``."""
+class _AnswerCache(Generic[A]):
+    """Encoded answers by user: the last one of each user (its stream id and
+    whether names were included), least recently used dropped first when
+    their ``size`` adds up to more than ``max_bytes``."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, size: Callable[[A], int]) -> None:
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, tuple[int, bool, bytes]] = OrderedDict()
+        self._sizeof = size
+        self._entries: OrderedDict[str, tuple[int, bool, A]] = OrderedDict()
         self._size = 0
 
-    def get(self, user_id: str, include_names: bool) -> Optional[tuple[int, bytes]]:
+    def get(self, user_id: str, include_names: bool) -> Optional[tuple[int, A]]:
         entry = self._entries.get(user_id)
         if entry is None or entry[1] != include_names:
             return None
         self._entries.move_to_end(user_id)
         return entry[0], entry[2]
 
-    def put(self, user_id: str, include_names: bool, stream_id: int, body: bytes) -> None:
-        if len(body) > self.max_bytes:
+    def put(self, user_id: str, include_names: bool, stream_id: int, body: A) -> None:
+        if self._sizeof(body) > self.max_bytes:
             return
         old = self._entries.pop(user_id, None)
         if old is not None:
-            self._size -= len(old[2])
+            self._size -= self._sizeof(old[2])
             if old[0] > stream_id:
                 # a slower request for an older snapshot: keep the newer one
                 body, stream_id, include_names = old[2], old[0], old[1]
         self._entries[user_id] = (stream_id, include_names, body)
-        self._size += len(body)
+        self._size += self._sizeof(body)
         while self._size > self.max_bytes:
             _, (_, _, dropped) = self._entries.popitem(last=False)
-            self._size -= len(dropped)
+            self._size -= self._sizeof(dropped)
+
+
+def _encoded_size(answer: EncodedUserKeys) -> int:
+    return answer.size
 
 
 #: ``listener(user_id, stream_id, device_ids)``, called after each committed change.
@@ -260,7 +275,8 @@ class LocalDeviceHandler:
         answers of big users (at least :data:`INLINE_ENCODE_MAX_DEVICES`
         devices), kept per user for its last stream id: after a change of a
         big user every server sharing a room refetches, and all but the
-        first are served from here.  0 disables the cache.
+        first are served from here; and as much again for the users' parts
+        of federation key query answers.  0 disables both caches.
     """
 
     log = Logger()
@@ -283,7 +299,10 @@ class LocalDeviceHandler:
         self._membership = membership
         self._clock = clock
         self._listeners: list[ChangeListener] = []
-        self._answers = _AnswerCache(answer_cache_bytes)
+        self._answers: _AnswerCache[bytes] = _AnswerCache(answer_cache_bytes, len)
+        self._key_answers: _AnswerCache[EncodedUserKeys] = _AnswerCache(
+            answer_cache_bytes, _encoded_size
+        )
 
     # ------------------------------------------------------------------
     # plumbing
@@ -753,18 +772,24 @@ class LocalDeviceHandler:
             self._query_keys(device_keys, requesting_user_id, over_federation)
         )
 
+    def _wanted_keys(
+        self, device_keys: Mapping[str, Sequence[str]]
+    ) -> dict[str, Optional[Collection[str]]]:
+        """A key query's users (all ours, else 400) and their devices (``None``: every one)."""
+        for user_id in device_keys:
+            self.check_local_user(user_id, f"device_keys[{user_id!r}]")
+        return {
+            user_id: (tuple(devices) if devices else None)
+            for user_id, devices in device_keys.items()
+        }
+
     async def _query_keys(
         self,
         device_keys: Mapping[str, Sequence[str]],
         requesting_user_id: Optional[str],
         over_federation: bool,
     ) -> JsonDict:
-        for user_id in device_keys:
-            self.check_local_user(user_id, f"device_keys[{user_id!r}]")
-        wanted: dict[str, Optional[Collection[str]]] = {
-            user_id: (tuple(devices) if devices else None)
-            for user_id, devices in device_keys.items()
-        }
+        wanted = self._wanted_keys(device_keys)
         from_user = None if over_federation else requesting_user_id
         found = await self._store.get_local_user_keys(wanted, from_user_id=from_user)
         names = self.allow_device_name_lookup_over_federation if over_federation else True
@@ -773,15 +798,9 @@ class LocalDeviceHandler:
             body["user_signing_keys"] = {}
         for user_id in sorted(found):
             user_keys = found[user_id]
-            by_target = signatures_by_target(user_keys.signatures)
-            body["device_keys"][user_id] = {
-                device.device_id: device_keys_json(
-                    device,
-                    by_target.get(device.device_id, ()),
-                    display_name_in_unsigned=names,
-                )
-                for device in user_keys.devices
-            }
+            body["device_keys"][user_id] = user_device_keys(
+                user_keys, display_name_in_unsigned=names
+            )
             usages = [("master_keys", USAGE_MASTER), ("self_signing_keys", USAGE_SELF_SIGNING)]
             if not over_federation and user_id == requesting_user_id:
                 usages.append(("user_signing_keys", USAGE_USER_SIGNING))
@@ -790,6 +809,39 @@ class LocalDeviceHandler:
                 if key is not None:
                     body[name][user_id] = key
         return body
+
+    def encoded_federation_query_keys(
+        self, device_keys: Mapping[str, Sequence[str]]
+    ) -> "Deferred[bytes]":
+        """:meth:`query_keys` with ``over_federation``, as canonical JSON
+        bytes: what ``POST /user/keys/query`` sends.
+
+        The part of a user asked for with every device (an empty list, what
+        servers ask) is kept for the user's stream id it was read at, and
+        served again, without decoding and encoding the keys, while the
+        stream id read with the keys is the same: every change that shows
+        in the answer moves the stream.
+        """
+        return self._run(self._encoded_federation_query_keys(device_keys))
+
+    async def _encoded_federation_query_keys(
+        self, device_keys: Mapping[str, Sequence[str]]
+    ) -> bytes:
+        wanted = self._wanted_keys(device_keys)
+        found = await self._store.get_local_user_keys(wanted)
+        names = self.allow_device_name_lookup_over_federation
+        answers: dict[str, EncodedUserKeys] = {}
+        for user_id, user_keys in found.items():
+            every_device = wanted[user_id] is None and user_keys.stream_id > 0
+            cached = self._key_answers.get(user_id, names) if every_device else None
+            if cached is not None and cached[0] == user_keys.stream_id:
+                answers[user_id] = cached[1]
+                continue
+            answer = encode_user_keys(user_keys, include_display_names=names)
+            if every_device:
+                self._key_answers.put(user_id, names, user_keys.stream_id, answer)
+            answers[user_id] = answer
+        return encode_keys_query_body(answers)
 
     def claim_keys(self, one_time_keys: Mapping[str, Mapping[str, str]]) -> "Deferred[JsonDict]":
         """Claim one key per ``{user_id: {device_id: algorithm}}``: the

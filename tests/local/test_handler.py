@@ -741,7 +741,7 @@ class AnswerCacheTests(HandlerCase):
         self.assertEqual(self.reads, [BOB, BOB])
 
     def test_cache_bounds(self) -> None:
-        cache = handler_module._AnswerCache(10)
+        cache: handler_module._AnswerCache[bytes] = handler_module._AnswerCache(10, len)
         cache.put("@a:x", False, 1, b"aaaa")
         cache.put("@b:x", False, 1, b"bbbb")
         self.assertEqual(cache.get("@a:x", False), (1, b"aaaa"))  # now the most recent
