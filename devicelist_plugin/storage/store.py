@@ -809,12 +809,18 @@ class Store:
             (destination, user_id, KIND_DEVICE, stream_id),
         )
         row = t.query_one(
-            "SELECT stream_ids_json FROM outbound_unreferenced"
+            "SELECT stream_ids_json, snapshot_stream_id FROM outbound_unreferenced"
             f" WHERE destination = ? AND user_id = ?{t.dialect.for_update}",
             (destination, user_id),
         )
-        if row is not None and any(int(i) > stream_id for i in loads(row[0])):
-            return
+        if row is not None:
+            ids = [int(i) for i in loads(row[0])]
+            if any(i > stream_id for i in ids):
+                return
+            if ids == [stream_id] and row[1] is not None and int(row[1]) == stream_id:
+                # served this snapshot before and nothing sent since: an
+                # unchanged row is no write (and, on SQLite, no commit to sync)
+                return
         t.execute(
             "INSERT INTO outbound_unreferenced"
             " (destination, user_id, stream_ids_json, snapshot_stream_id) VALUES (?, ?, ?, ?)"

@@ -223,6 +223,40 @@ class LocalKeysStoreTestsMixin(_Base):
         self.assertEqual(counts[0], counts[1])
         self.assertLessEqual(counts[1], 8)
 
+    async def test_serving_the_same_snapshot_again_writes_nothing(self) -> None:
+        """The record is a write only when it changes something: a server
+        refetching an unchanged list costs no commit to sync."""
+        store = await self.store()
+        await self.device_with_keys(store, ALICE, "D1", None, (DEST,))
+        writes: list[str] = []
+        original = Txn.execute
+
+        def counting(txn: Txn, sql: str, params: Any = ()) -> None:
+            if sql.lstrip().upper().startswith(("INSERT", "UPDATE")):
+                writes.append(sql)
+            original(txn, sql, params)
+
+        self.patch(Txn, "execute", counting)
+        await store.get_user_devices_snapshot(ALICE, DEST)
+        self.assertEqual(len(writes), 1)
+        await store.get_user_devices_snapshot(ALICE, DEST)
+        await store.record_snapshot_served(DEST, ALICE, 2)
+        self.assertEqual(len(writes), 1)
+        self.assertEqual(await store.get_unreferenced(DEST, [ALICE]), {ALICE: frozenset({2})})
+        self.patch(Txn, "execute", original)
+        # a change, pending for DEST: served again, the record is rewritten
+        await store.rename_device(ALICE, "D1", "new", 2000, (DEST,))
+        self.patch(Txn, "execute", counting)
+        snapshot = await store.get_user_devices_snapshot(ALICE, DEST)
+        self.assertEqual(snapshot.stream_id, 3)
+        self.assertEqual(len(writes), 2)
+        self.assertEqual(await store.get_pending(DEST, 10), [])
+        self.assertEqual(await store.get_unreferenced(DEST, [ALICE]), {ALICE: frozenset({3})})
+        # another destination: its own record
+        await store.get_user_devices_snapshot(ALICE, OTHER_DEST)
+        self.assertEqual(len(writes), 3)
+        self.assertEqual(await store.get_unreferenced(OTHER_DEST, [ALICE]), {ALICE: frozenset({3})})
+
     # ------------------------------------------------------------------
     # key queries
 
