@@ -37,9 +37,10 @@ field, and stores nothing.  Other errors, all ``MatrixError``:
 
 Big users.  ``GET /user/devices`` answers (:meth:`LocalDeviceHandler.encoded_user_devices_snapshot`)
 are read in one short transaction, assembled from the stored keys' JSON text
-by the ``cpu_runner`` (a worker thread on a real reactor), and, for users
-with many devices, kept for the user's last stream id: the servers that
-refetch after a change are served the same bytes without another read.
+by the ``cpu_runner`` (a worker thread on a real reactor) for users with
+many devices, and kept for the user's last stream id: the servers that
+refetch after a change are served the same bytes without reading the devices
+again.
 Federation key query answers (:meth:`LocalDeviceHandler.encoded_federation_query_keys`)
 keep each user's encoded part for the stream id it was read at, whatever the
 user's size: while the stream id read with the keys is the same, the part is
@@ -272,10 +273,9 @@ class LocalDeviceHandler:
         inline (tests on a simulated clock), a host on a real reactor passes
         ``thread_pool_runner(reactor, reactor.getThreadPool())``.
     :param answer_cache_bytes: memory for the encoded ``/user/devices``
-        answers of big users (at least :data:`INLINE_ENCODE_MAX_DEVICES`
-        devices), kept per user for its last stream id: after a change of a
-        big user every server sharing a room refetches, and all but the
-        first are served from here; and as much again for the users' parts
+        answers, kept per user for its last stream id: after a change every
+        server sharing a room refetches, and all but the first are served
+        from here, with one short read of the user's stream position; and as much again for the users' parts
         of federation key query answers.  0 disables both caches.
     """
 
@@ -915,19 +915,23 @@ class LocalDeviceHandler:
     ) -> bytes:
         self.check_local_user(user_id)
         include = self.allow_device_name_lookup_over_federation
+        destination = self._snapshot_destination(requesting_server)
         cached = self._answers.get(user_id, include)
-        if cached is not None:
+        if cached is None:
+            snapshot = await self._store.get_user_devices_snapshot(user_id, destination)
+        else:
             # The answer for stream id S is a function of S: if S is still
-            # the user's last id, serve it again without reading the devices.
+            # the user's last id, serve it again without reading the devices
+            # (still recorded as served to D: a change committed since is no
+            # harm, D gets the snapshot at S and the EDUs after S, chained
+            # from S).
             stream_id, body = cached
-            if await self._store.get_max_stream_id(user_id) == stream_id:
-                destination = self._snapshot_destination(requesting_server)
-                if destination is not None:
-                    # A change committed since is no harm: D gets the
-                    # snapshot at S and the EDUs after S, chained from S.
-                    await self._store.record_snapshot_served(destination, user_id, stream_id)
+            since = await self._store.get_user_devices_snapshot_since(
+                user_id, destination, stream_id
+            )
+            if since is None:
                 return body
-        snapshot = await self._read_snapshot(user_id, requesting_server)
+            snapshot = since
 
         def encode() -> bytes:
             return encode_user_devices_body(snapshot, include_display_names=include)
@@ -935,8 +939,9 @@ class LocalDeviceHandler:
         if len(snapshot.devices) < INLINE_ENCODE_MAX_DEVICES:
             # well under a millisecond: not worth a trip to a thread (and a
             # wait behind a big answer being encoded there)
-            return encode()
-        body = await self._cpu_runner(encode)
+            body = encode()
+        else:
+            body = await self._cpu_runner(encode)
         if snapshot.stream_id > 0:
             self._answers.put(user_id, include, snapshot.stream_id, body)
         return body

@@ -256,6 +256,15 @@ class IDeviceListStore(Protocol):
         Nothing is recorded for a user that never had a change.
         """
 
+    def get_user_devices_snapshot_since(
+        self, user_id: str, destination: Optional[str], known_stream_id: int
+    ) -> "Deferred[Optional[LocalUserKeys]]":
+        """:meth:`get_user_devices_snapshot`, or ``None`` when the user's
+        last stream id is still ``known_stream_id`` (the devices are then
+        not read; the snapshot at ``known_stream_id`` is still recorded as
+        served to ``destination``).  For a caller that keeps the answer of
+        the snapshot at ``known_stream_id``."""
+
     def record_snapshot_served(
         self, destination: str, user_id: str, stream_id: int
     ) -> "Deferred[None]":

@@ -773,24 +773,44 @@ class Store:
 
         return self.database.run("get_local_user_keys", txn, readonly=True)
 
+    def _user_devices_snapshot(
+        self, t: Txn, user_id: str, destination: Optional[str], known_stream_id: Optional[int]
+    ) -> Optional[LocalUserKeys]:
+        # Holding the user's position row keeps every change of the user
+        # (they all take it first) out until this snapshot is read.
+        lock = t.dialect.for_update if destination is not None else ""
+        row = t.query_one(
+            f"SELECT pos FROM local_stream_positions WHERE user_id = ?{lock}", (user_id,)
+        )
+        position = None if row is None else int(row[0])
+        snapshot = None
+        if position is None or position != known_stream_id:
+            positions = {} if position is None else {user_id: position}
+            snapshot = self._read_user_keys(t, {user_id: None}, positions, None)[user_id]
+        if destination is not None and position is not None:
+            self._record_snapshot_served(t, destination, user_id, position)
+        return snapshot
+
     def get_user_devices_snapshot(
         self, user_id: str, destination: Optional[str] = None
     ) -> "Deferred[LocalUserKeys]":
         def txn(t: Txn) -> LocalUserKeys:
-            # Holding the user's position row keeps every change of the user
-            # (they all take it first) out until this snapshot is read.
-            lock = t.dialect.for_update if destination is not None else ""
-            row = t.query_one(
-                f"SELECT pos FROM local_stream_positions WHERE user_id = ?{lock}", (user_id,)
-            )
-            positions = {} if row is None else {user_id: int(row[0])}
-            snapshot = self._read_user_keys(t, {user_id: None}, positions, None)[user_id]
-            if destination is not None and row is not None:
-                self._record_snapshot_served(t, destination, user_id, snapshot.stream_id)
+            snapshot = self._user_devices_snapshot(t, user_id, destination, None)
+            assert snapshot is not None
             return snapshot
 
         return self.database.run(
             "get_user_devices_snapshot", txn, readonly=destination is None
+        )
+
+    def get_user_devices_snapshot_since(
+        self, user_id: str, destination: Optional[str], known_stream_id: int
+    ) -> "Deferred[Optional[LocalUserKeys]]":
+        def txn(t: Txn) -> Optional[LocalUserKeys]:
+            return self._user_devices_snapshot(t, user_id, destination, known_stream_id)
+
+        return self.database.run(
+            "get_user_devices_snapshot_since", txn, readonly=destination is None
         )
 
     def _record_snapshot_served(

@@ -223,6 +223,28 @@ class LocalKeysStoreTestsMixin(_Base):
         self.assertEqual(counts[0], counts[1])
         self.assertLessEqual(counts[1], 8)
 
+    async def test_snapshot_since_a_known_stream_id(self) -> None:
+        store = await self.store()
+        await self.device_with_keys(store, ALICE, "D1", None, (DEST,))
+        self.assertIsNone(await store.get_user_devices_snapshot_since(ALICE, DEST, 2))
+        # still recorded as served: the pending change is covered
+        self.assertEqual(await store.get_pending(DEST, 10), [])
+        self.assertEqual(await store.get_unreferenced(DEST, [ALICE]), {ALICE: frozenset({2})})
+        await store.rename_device(ALICE, "D1", "new", 2000, (DEST,))
+        snapshot = await store.get_user_devices_snapshot_since(ALICE, DEST, 2)
+        assert snapshot is not None
+        self.assertEqual(snapshot, await store.get_user_devices_snapshot(ALICE))
+        self.assertEqual((snapshot.stream_id, snapshot.devices[0].display_name), (3, "new"))
+        self.assertEqual(await store.get_pending(DEST, 10), [])
+        self.assertEqual(await store.get_unreferenced(DEST, [ALICE]), {ALICE: frozenset({3})})
+        # without a destination nothing is recorded; a user without changes
+        # is read (an empty snapshot at 0)
+        self.assertIsNone(await store.get_user_devices_snapshot_since(ALICE, None, 3))
+        empty = await store.get_user_devices_snapshot_since(BOB, DEST, 0)
+        assert empty is not None
+        self.assertEqual((empty.stream_id, empty.devices), (0, ()))
+        self.assertEqual(await store.get_unreferenced(DEST, [BOB]), {BOB: frozenset()})
+
     async def test_serving_the_same_snapshot_again_writes_nothing(self) -> None:
         """The record is a write only when it changes something: a server
         refetching an unchanged list costs no commit to sync."""
