@@ -818,9 +818,9 @@ class LocalDeviceHandler:
 
         The part of a user asked for with every device (an empty list, what
         servers ask) is kept for the user's stream id it was read at, and
-        served again, without decoding and encoding the keys, while the
-        stream id read with the keys is the same: every change that shows
-        in the answer moves the stream.
+        served again, without reading, decoding and encoding the keys, while
+        the user's stream id is the same: every change that shows in the
+        answer moves the stream.
         """
         return self._run(self._encoded_federation_query_keys(device_keys))
 
@@ -828,17 +828,23 @@ class LocalDeviceHandler:
         self, device_keys: Mapping[str, Sequence[str]]
     ) -> bytes:
         wanted = self._wanted_keys(device_keys)
-        found = await self._store.get_local_user_keys(wanted)
         names = self.allow_device_name_lookup_over_federation
+        kept: dict[str, EncodedUserKeys] = {}
+        for user_id, devices in wanted.items():
+            cached = self._key_answers.get(user_id, names) if devices is None else None
+            if cached is not None:
+                kept[user_id] = cached[1]
+        found = await self._store.get_local_user_keys_since(
+            wanted, {user_id: answer.stream_id for user_id, answer in kept.items()}
+        )
         answers: dict[str, EncodedUserKeys] = {}
         for user_id, user_keys in found.items():
-            every_device = wanted[user_id] is None and user_keys.stream_id > 0
-            cached = self._key_answers.get(user_id, names) if every_device else None
-            if cached is not None and cached[0] == user_keys.stream_id:
-                answers[user_id] = cached[1]
+            if user_keys is None:
+                # still at the stream id of the kept answer
+                answers[user_id] = kept[user_id]
                 continue
             answer = encode_user_keys(user_keys, include_display_names=names)
-            if every_device:
+            if wanted[user_id] is None and user_keys.stream_id > 0:
                 self._key_answers.put(user_id, names, user_keys.stream_id, answer)
             answers[user_id] = answer
         return encode_keys_query_body(answers)

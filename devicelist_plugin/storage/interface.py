@@ -242,6 +242,16 @@ class IDeviceListStore(Protocol):
         master keys, visible only to their signer).
         """
 
+    def get_local_user_keys_since(
+        self,
+        wanted: Mapping[str, Optional[Collection[str]]],
+        known_stream_ids: Mapping[str, int],
+    ) -> "Deferred[dict[str, Optional[LocalUserKeys]]]":
+        """:meth:`get_local_user_keys` (without ``from_user_id``), except that
+        a user whose last stream id is still the one in ``known_stream_ids``
+        is not read: ``None``.  For a caller that keeps answers by the
+        stream id they were read at."""
+
     def get_user_devices_snapshot(
         self, user_id: str, destination: Optional[str] = None
     ) -> "Deferred[LocalUserKeys]":

@@ -752,6 +752,17 @@ class Store:
             for u in users
         }
 
+    def _stream_positions(self, t: Txn, users: Iterable[str]) -> dict[str, int]:
+        positions: dict[str, int] = {}
+        for chunk in _chunks(sorted(users)):
+            for user_id, pos in t.query(
+                "SELECT user_id, pos FROM local_stream_positions"
+                f" WHERE user_id IN ({_marks(len(chunk))})",
+                chunk,
+            ):
+                positions[user_id] = int(pos)
+        return positions
+
     def get_local_user_keys(
         self,
         wanted: Mapping[str, Optional[Collection[str]]],
@@ -761,17 +772,30 @@ class Store:
         requested = {u: (None if ids is None else tuple(ids)) for u, ids in wanted.items()}
 
         def txn(t: Txn) -> dict[str, LocalUserKeys]:
-            positions: dict[str, int] = {}
-            for chunk in _chunks(sorted(requested)):
-                for user_id, pos in t.query(
-                    "SELECT user_id, pos FROM local_stream_positions"
-                    f" WHERE user_id IN ({_marks(len(chunk))})",
-                    chunk,
-                ):
-                    positions[user_id] = int(pos)
+            positions = self._stream_positions(t, requested)
             return self._read_user_keys(t, requested, positions, from_user_id)
 
         return self.database.run("get_local_user_keys", txn, readonly=True)
+
+    def get_local_user_keys_since(
+        self,
+        wanted: Mapping[str, Optional[Collection[str]]],
+        known_stream_ids: Mapping[str, int],
+    ) -> "Deferred[dict[str, Optional[LocalUserKeys]]]":
+        requested = {u: (None if ids is None else tuple(ids)) for u, ids in wanted.items()}
+        known = dict(known_stream_ids)
+
+        def txn(t: Txn) -> dict[str, Optional[LocalUserKeys]]:
+            positions = self._stream_positions(t, requested)
+            changed = {
+                u: ids for u, ids in requested.items() if u not in positions or positions[u] != known.get(u)
+            }
+            found: dict[str, Optional[LocalUserKeys]] = dict.fromkeys(requested)
+            if changed:
+                found.update(self._read_user_keys(t, changed, positions, None))
+            return found
+
+        return self.database.run("get_local_user_keys_since", txn, readonly=True)
 
     def _user_devices_snapshot(
         self, t: Txn, user_id: str, destination: Optional[str], known_stream_id: Optional[int]

@@ -282,6 +282,23 @@ class LocalKeysStoreTestsMixin(_Base):
     # ------------------------------------------------------------------
     # key queries
 
+    async def test_get_local_user_keys_since(self) -> None:
+        store = await self.store()
+        nobody = "@nobody:local.test"
+        await self.device_with_keys(store, ALICE, "D1", "phone")  # 2
+        await self.device_with_keys(store, BOB, "B1")  # 2
+        wanted = {ALICE: None, BOB: ("B1",), nobody: None}
+        fresh = await store.get_local_user_keys(wanted)
+        found = await store.get_local_user_keys_since(wanted, {ALICE: 2, BOB: 1, nobody: 0})
+        # ALICE unchanged; BOB moved on; nobody (no stream id at all) is read
+        self.assertEqual(found, {ALICE: None, BOB: fresh[BOB], nobody: fresh[nobody]})
+        self.assertEqual(await store.get_local_user_keys_since(wanted, {}), fresh)
+        await store.rename_device(ALICE, "D1", "new", 2000, ())
+        found = await store.get_local_user_keys_since({ALICE: None}, {ALICE: 2})
+        alice = found[ALICE]
+        assert alice is not None
+        self.assertEqual((alice.stream_id, alice.devices[0].display_name), (3, "new"))
+
     async def test_get_local_user_keys(self) -> None:
         store = await self.store()
         await self.device_with_keys(store, ALICE, "D1", "phone")
