@@ -272,3 +272,60 @@ class CheckOriginTests(SynchronousTestCase):
         with self.assertRaises(MatrixError) as cm:
             check_origin_matches(A, ["a.example"])
         self.assertEqual((cm.exception.code, cm.exception.errcode), (400, M_BAD_JSON))
+
+
+class VerifyRunnerTests(AuthTestCase):
+    """With a verify runner the signature is checked where it runs it: the
+    answer waits for its outcome, a bad signature is still a 401."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.waiting: list[tuple[Any, Deferred[None]]] = []
+
+        def later(f: Any) -> Deferred[None]:
+            d: Deferred[None] = Deferred()
+            self.waiting.append((f, d))
+            return d
+
+        self.authenticator.verify_runner = later
+
+    def run_checks(self) -> None:
+        while self.waiting:
+            f, d = self.waiting.pop(0)
+            try:
+                f()
+            except Exception as e:
+                d.errback(e)
+            else:
+                d.callback(None)
+
+    def start(self, headers: list[bytes]) -> Deferred[Any]:
+        d = self.http.request(
+            "GET", "https://" + B + DEVICES, headers=Headers({b"Authorization": headers})
+        )
+        self.agent.flush()
+        return d
+
+    def answer(self, d: Deferred[Any]) -> tuple[int, Any]:
+        self.agent.flush()
+        response = self.successResultOf(d)
+        return response.code, json.loads(self.successResultOf(treq.content(response)))
+
+    def test_answer_waits_for_the_check(self) -> None:
+        d = self.start([self.sign("GET", DEVICES)])
+        self.assertEqual(len(self.waiting), 1)
+        self.assertNoResult(d)
+        self.assertEqual(self.seen, [])
+        self.run_checks()
+        self.assertEqual(self.answer(d)[0], 200)
+        self.assertEqual(self.seen, [(A, None)])
+
+    def test_bad_signature_found_by_the_runner(self) -> None:
+        wrong = self.sign("GET", DEVICES, key=generate_signing_key("a_1"))
+        d = self.start([wrong])
+        self.run_checks()
+        self.assertUnauthorized(self.answer(d), "invalid signature")
+        # a second header is tried after the first fails
+        d = self.start([wrong, self.sign("GET", DEVICES)])
+        self.run_checks()
+        self.assertEqual(self.answer(d)[0], 200)
