@@ -13,8 +13,7 @@ may be sent; any valid one authenticates.  Every failure is 401
 from __future__ import annotations
 
 import inspect
-from functools import partial
-from typing import Any, Awaitable, Callable, Coroutine, Optional, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Coroutine, Protocol, Sequence
 
 from signedjson.key import is_signing_algorithm_supported
 from signedjson.types import VerifyKey
@@ -41,14 +40,6 @@ from devicelist_plugin.federation.xmatrix import (
 ContactListener = Callable[[str], object]
 
 
-class VerifyRunner(Protocol):
-    """Runs a signature check (a thread-safe function) and gives its outcome
-    back on the reactor thread, e.g. in a thread pool: the ed25519 check
-    releases the GIL, so the reactor serves other requests meanwhile."""
-
-    def __call__(self, f: Callable[[], None]) -> "Deferred[None]": ...
-
-
 class VerifyKeyLookup(Protocol):
     """Where the authenticator gets remote servers' keys (the key ring)."""
 
@@ -64,23 +55,14 @@ class FederationAuthenticator:
 
     :param key_lookup: finds the origin's verify keys.
     :param clock: the time keys must be valid at.
-    :param verify_runner: where signatures are checked; by default on the
-        calling thread.
     """
 
     log = Logger()
 
-    def __init__(
-        self,
-        server_name: str,
-        key_lookup: VerifyKeyLookup,
-        clock: IReactorTime,
-        verify_runner: Optional[VerifyRunner] = None,
-    ) -> None:
+    def __init__(self, server_name: str, key_lookup: VerifyKeyLookup, clock: IReactorTime) -> None:
         self._server_name = server_name
         self._key_lookup = key_lookup
         self._clock = clock
-        self.verify_runner = verify_runner
         self._contact_listeners: list[ContactListener] = []
 
     def add_contact_listener(self, listener: ContactListener) -> None:
@@ -133,22 +115,7 @@ class FederationAuthenticator:
                 reasons.append(f"no valid key {auth.key} known for {auth.origin}")
                 continue
             try:
-                if self.verify_runner is None:
-                    verify_request_signature(
-                        auth, verify_key, method, uri, self._server_name, content
-                    )
-                else:
-                    await self.verify_runner(
-                        partial(
-                            verify_request_signature,
-                            auth,
-                            verify_key,
-                            method,
-                            uri,
-                            self._server_name,
-                            content,
-                        )
-                    )
+                verify_request_signature(auth, verify_key, method, uri, self._server_name, content)
             except XMatrixVerifyError as e:
                 reasons.append(str(e))
                 continue
