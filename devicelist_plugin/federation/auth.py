@@ -13,7 +13,7 @@ may be sent; any valid one authenticates.  Every failure is 401
 from __future__ import annotations
 
 import inspect
-from typing import Awaitable, Callable, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Coroutine, Protocol, Sequence
 
 from signedjson.key import is_signing_algorithm_supported
 from signedjson.types import VerifyKey
@@ -78,11 +78,11 @@ class FederationAuthenticator:
         """Stop calling ``listener``."""
         self._contact_listeners.remove(listener)
 
-    async def authenticate(self, request: JsonRequest) -> str:
+    def authenticate(self, request: JsonRequest) -> Coroutine[Any, Any, str]:
         """The origin that signed ``request``; see :meth:`authenticate_parts`."""
         raw = request.raw
         headers = raw.requestHeaders.getRawHeaders(b"Authorization") or []
-        return await self.authenticate_parts(raw.method, raw.uri, headers, request.content)
+        return self.authenticate_parts(raw.method, raw.uri, headers, request.content)
 
     async def authenticate_parts(
         self,

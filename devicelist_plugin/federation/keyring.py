@@ -84,7 +84,7 @@ from signedjson.key import (
 )
 from signedjson.sign import verify_signed_json
 from signedjson.types import SigningKey, VerifyKey
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -424,6 +424,12 @@ class KeyRing:
         Unknown, unfetchable and expired keys are ``None``, never an error;
         only a failure to read the store fails the Deferred.
         """
+        if server_name != self._server_name:
+            # the common case, every signed request of a known server: no
+            # coroutine (only valid server names are ever cached)
+            key = self._cached(server_name, key_id, at_ms)
+            if key is not None:
+                return succeed(key)
         return Deferred.fromCoroutine(self._get_verify_key(server_name, key_id, at_ms))
 
     def _now_ms(self) -> int:

@@ -110,10 +110,10 @@ class LocalDeviceEndpoints:
         )
         return 200, EncodedJson(body)
 
-    async def on_keys_query(self, request: JsonRequest) -> tuple[int, JsonDict]:
+    async def on_keys_query(self, request: JsonRequest) -> tuple[int, EncodedJson]:
         device_keys = parse_device_keys_request(request.require_content())
-        body = await self._handler.query_keys(device_keys, over_federation=True)
-        return 200, body
+        body = await self._handler.encoded_federation_query_keys(device_keys)
+        return 200, EncodedJson(body)
 
     async def on_keys_claim(self, request: JsonRequest) -> tuple[int, JsonDict]:
         one_time_keys = parse_one_time_keys_request(request.require_content())

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Awaitable, Callable, ClassVar, Mapping, Protocol, Sequence
 from urllib.parse import parse_qs, unquote_to_bytes
@@ -184,7 +184,23 @@ def _compile(pattern: str) -> tuple[tuple[str | None, str], ...]:
     return tuple(segments)
 
 
+def _text(value: bytes) -> str:
+    return value.decode("latin-1")
+
+
+# the constant parts of every answer
+_JSON_CONTENT_TYPE = [b"application/json"]
+_NO_CACHE = [b"no-cache, no-store, must-revalidate"]
+_INTERNAL_ERROR = encode_canonical_json(
+    MatrixError(500, M_UNKNOWN, "Internal server error").to_json()
+)
+
+
 def _decode_param(raw: str) -> str:
+    if "%" not in raw:
+        # nothing to decode: the raw path is latin-1, its decoding UTF-8
+        if raw.isascii():
+            return raw
     try:
         return unquote_to_bytes(raw).decode("utf-8")
     except UnicodeDecodeError:
@@ -365,16 +381,14 @@ class JsonResource(Resource):
         return server.NOT_DONE_YET
 
     async def _respond(self, request: server.Request, disconnected: list[Failure]) -> None:
-        method = request.method.decode("latin-1")
-        path = request.path.decode("latin-1")
         try:
             code, body = await self._dispatch(request)
             payload = body.data if isinstance(body, EncodedJson) else encode_canonical_json(body)
         except MatrixError as e:
             self.log.debug(
                 "{method} {path}: {code} {errcode} {msg}",
-                method=method,
-                path=path,
+                method=_text(request.method),
+                path=_text(request.path),
                 code=e.code,
                 errcode=e.errcode,
                 # a text quoting a lone surrogate would break a UTF-8 log file
@@ -382,42 +396,46 @@ class JsonResource(Resource):
             )
             code, payload = e.code, _encode_error(e)
         except Exception:
-            self.log.failure("Error handling {method} {path}", method=method, path=path)
-            code = 500
-            payload = encode_canonical_json(
-                MatrixError(500, M_UNKNOWN, "Internal server error").to_json()
+            self.log.failure(
+                "Error handling {method} {path}",
+                method=_text(request.method),
+                path=_text(request.path),
             )
+            code = 500
+            payload = _INTERNAL_ERROR
         if disconnected:
             self.log.debug(
                 "{method} {path}: client disconnected before the answer",
-                method=method,
-                path=path,
+                method=_text(request.method),
+                path=_text(request.path),
             )
             return
         try:
             request.setResponseCode(code)
-            request.setHeader(b"Content-Type", b"application/json")
-            request.setHeader(b"Content-Length", b"%d" % (len(payload),))
-            request.setHeader(b"Cache-Control", b"no-cache, no-store, must-revalidate")
+            headers = request.responseHeaders
+            headers.setRawHeaders(b"Content-Type", _JSON_CONTENT_TYPE)
+            headers.setRawHeaders(b"Content-Length", [b"%d" % (len(payload),)])
+            headers.setRawHeaders(b"Cache-Control", _NO_CACHE)
             request.write(payload)
             request.finish()
         except Exception:
-            self.log.failure("Error writing the answer to {method} {path}", method=method, path=path)
+            self.log.failure(
+                "Error writing the answer to {method} {path}",
+                method=_text(request.method),
+                path=_text(request.path),
+            )
 
     async def _dispatch(self, request: server.Request) -> tuple[int, JsonDict | EncodedJson]:
         route, path_params = self._find_route(request)
         content = self._read_body(request, route.json_body)
-        json_request = JsonRequest(
-            method=request.method.decode("latin-1"),
-            path_params={name: _decode_param(raw) for name, raw in path_params.items()},
-            query=_parse_query(request.uri),
-            content=content,
-            raw=request,
-        )
+        method = _text(request.method)
+        params = {name: _decode_param(raw) for name, raw in path_params.items()}
+        query = _parse_query(request.uri)
+        json_request = JsonRequest(method, params, query, content, request)
         if route.requires_auth:
             assert self._authenticator is not None
             origin = await self._authenticator.authenticate(json_request)
-            json_request = replace(json_request, origin=origin)
+            json_request = JsonRequest(method, params, query, content, request, origin)
         return await route.handler(json_request)
 
     def _find_route(self, request: server.Request) -> tuple[_Route, dict[str, str]]:

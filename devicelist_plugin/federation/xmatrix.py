@@ -24,6 +24,7 @@ would be a guess.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from signedjson.sign import SignatureVerifyException, sign_json, verify_signed_json
@@ -66,6 +67,35 @@ def _text(value: str | bytes, what: str) -> str:
     return value
 
 
+# What every server sends: the scheme, one space, name="value" pairs
+# (values without quotes or backslashes) separated by bare commas.
+_SIMPLE_HEADER = re.compile(r'[ \t]*X-Matrix (?:[A-Za-z]+="[^"\\]*",)*[A-Za-z]+="[^"\\]*"[ \t]*')
+_SIMPLE_PARAM = re.compile(r'([A-Za-z]+)="([^"\\]*)"')
+
+
+def _parse_simple(text: str) -> XMatrixAuth | None:
+    """The parameters of a header of the simple shape with each known
+    parameter at most once and ``origin``, ``key`` and ``sig`` non-empty;
+    ``None`` for anything else (left to the full parser)."""
+    if _SIMPLE_HEADER.fullmatch(text) is None:
+        return None
+    params: dict[str, str] = {}
+    for name, param_value in _SIMPLE_PARAM.findall(text):
+        name = name.lower()
+        if name in _KNOWN_PARAMS:
+            if name in params or not param_value:
+                return None
+            params[name] = param_value
+    if "origin" not in params or "key" not in params or "sig" not in params:
+        return None
+    return XMatrixAuth(
+        origin=params["origin"],
+        destination=params.get("destination"),
+        key=params["key"],
+        sig=params["sig"],
+    )
+
+
 def parse_xmatrix_header(value: bytes | str) -> XMatrixAuth | None:
     """Parse one ``Authorization`` header value.
 
@@ -74,6 +104,22 @@ def parse_xmatrix_header(value: bytes | str) -> XMatrixAuth | None:
     :raise XMatrixParseError: an X-Matrix header that is malformed or misses
         ``origin``, ``key`` or ``sig``.
     """
+    if isinstance(value, bytes):
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+    else:
+        text = value
+    if text is not None:
+        simple = _parse_simple(text)
+        if simple is not None:
+            return simple
+    return _parse_full(value)
+
+
+def _parse_full(value: bytes | str) -> XMatrixAuth | None:
+    """:func:`parse_xmatrix_header` for any header, character by character."""
     if isinstance(value, bytes):
         try:
             text = value.decode("utf-8")

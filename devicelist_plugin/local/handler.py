@@ -37,9 +37,14 @@ field, and stores nothing.  Other errors, all ``MatrixError``:
 
 Big users.  ``GET /user/devices`` answers (:meth:`LocalDeviceHandler.encoded_user_devices_snapshot`)
 are read in one short transaction, assembled from the stored keys' JSON text
-by the ``cpu_runner`` (a worker thread on a real reactor), and, for users
-with many devices, kept for the user's last stream id: the servers that
-refetch after a change are served the same bytes without another read.
+by the ``cpu_runner`` (a worker thread on a real reactor) for users with
+many devices, and kept for the user's last stream id: the servers that
+refetch after a change are served the same bytes without reading the devices
+again.
+Federation key query answers (:meth:`LocalDeviceHandler.encoded_federation_query_keys`)
+keep each user's encoded part for the stream id it was read at, whatever the
+user's size: while the stream id read with the keys is the same, the part is
+served again instead of being decoded, rebuilt and encoded.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from typing import (
     Callable,
     Collection,
     Coroutine,
+    Generic,
     Mapping,
     Optional,
     Protocol,
@@ -97,10 +103,14 @@ from devicelist_plugin.federation.errors import (
     MatrixError,
 )
 from devicelist_plugin.local.serving import (
+    EncodedUserKeys,
     cross_signing_key_json,
     device_keys_json,
+    encode_keys_query_body,
     encode_user_devices_body,
+    encode_user_keys,
     signatures_by_target,
+    user_device_keys,
     user_devices_body,
 )
 from devicelist_plugin.membership import MembershipSource
@@ -129,6 +139,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+A = TypeVar("A")
 
 #: Answers for fewer devices are encoded on the calling thread, not by the
 #: ``cpu_runner``.
@@ -138,37 +149,42 @@ INLINE_ENCODE_MAX_DEVICES = 100
 DEFAULT_ANSWER_CACHE_BYTES = 64 * 1024 * 1024
 
 
-class _AnswerCache:
-    """Encoded ``/user/devices`` answers by user: the last one of each user
-    (its stream id and whether names were included), least recently used
-    dropped first when over ``max_bytes``."""
+class _AnswerCache(Generic[A]):
+    """Encoded answers by user: the last one of each user (its stream id and
+    whether names were included), least recently used dropped first when
+    their ``size`` adds up to more than ``max_bytes``."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, size: Callable[[A], int]) -> None:
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, tuple[int, bool, bytes]] = OrderedDict()
+        self._sizeof = size
+        self._entries: OrderedDict[str, tuple[int, bool, A]] = OrderedDict()
         self._size = 0
 
-    def get(self, user_id: str, include_names: bool) -> Optional[tuple[int, bytes]]:
+    def get(self, user_id: str, include_names: bool) -> Optional[tuple[int, A]]:
         entry = self._entries.get(user_id)
         if entry is None or entry[1] != include_names:
             return None
         self._entries.move_to_end(user_id)
         return entry[0], entry[2]
 
-    def put(self, user_id: str, include_names: bool, stream_id: int, body: bytes) -> None:
-        if len(body) > self.max_bytes:
+    def put(self, user_id: str, include_names: bool, stream_id: int, body: A) -> None:
+        if self._sizeof(body) > self.max_bytes:
             return
         old = self._entries.pop(user_id, None)
         if old is not None:
-            self._size -= len(old[2])
+            self._size -= self._sizeof(old[2])
             if old[0] > stream_id:
                 # a slower request for an older snapshot: keep the newer one
                 body, stream_id, include_names = old[2], old[0], old[1]
         self._entries[user_id] = (stream_id, include_names, body)
-        self._size += len(body)
+        self._size += self._sizeof(body)
         while self._size > self.max_bytes:
             _, (_, _, dropped) = self._entries.popitem(last=False)
-            self._size -= len(dropped)
+            self._size -= self._sizeof(dropped)
+
+
+def _encoded_size(answer: EncodedUserKeys) -> int:
+    return answer.size
 
 
 #: ``listener(user_id, stream_id, device_ids)``, called after each committed change.
@@ -257,10 +273,10 @@ class LocalDeviceHandler:
         inline (tests on a simulated clock), a host on a real reactor passes
         ``thread_pool_runner(reactor, reactor.getThreadPool())``.
     :param answer_cache_bytes: memory for the encoded ``/user/devices``
-        answers of big users (at least :data:`INLINE_ENCODE_MAX_DEVICES`
-        devices), kept per user for its last stream id: after a change of a
-        big user every server sharing a room refetches, and all but the
-        first are served from here.  0 disables the cache.
+        answers, kept per user for its last stream id: after a change every
+        server sharing a room refetches, and all but the first are served
+        from here, with one short read of the user's stream position; and as much again for the users' parts
+        of federation key query answers.  0 disables both caches.
     """
 
     log = Logger()
@@ -283,7 +299,10 @@ class LocalDeviceHandler:
         self._membership = membership
         self._clock = clock
         self._listeners: list[ChangeListener] = []
-        self._answers = _AnswerCache(answer_cache_bytes)
+        self._answers: _AnswerCache[bytes] = _AnswerCache(answer_cache_bytes, len)
+        self._key_answers: _AnswerCache[EncodedUserKeys] = _AnswerCache(
+            answer_cache_bytes, _encoded_size
+        )
 
     # ------------------------------------------------------------------
     # plumbing
@@ -753,18 +772,24 @@ class LocalDeviceHandler:
             self._query_keys(device_keys, requesting_user_id, over_federation)
         )
 
+    def _wanted_keys(
+        self, device_keys: Mapping[str, Sequence[str]]
+    ) -> dict[str, Optional[Collection[str]]]:
+        """A key query's users (all ours, else 400) and their devices (``None``: every one)."""
+        for user_id in device_keys:
+            self.check_local_user(user_id, f"device_keys[{user_id!r}]")
+        return {
+            user_id: (tuple(devices) if devices else None)
+            for user_id, devices in device_keys.items()
+        }
+
     async def _query_keys(
         self,
         device_keys: Mapping[str, Sequence[str]],
         requesting_user_id: Optional[str],
         over_federation: bool,
     ) -> JsonDict:
-        for user_id in device_keys:
-            self.check_local_user(user_id, f"device_keys[{user_id!r}]")
-        wanted: dict[str, Optional[Collection[str]]] = {
-            user_id: (tuple(devices) if devices else None)
-            for user_id, devices in device_keys.items()
-        }
+        wanted = self._wanted_keys(device_keys)
         from_user = None if over_federation else requesting_user_id
         found = await self._store.get_local_user_keys(wanted, from_user_id=from_user)
         names = self.allow_device_name_lookup_over_federation if over_federation else True
@@ -773,15 +798,9 @@ class LocalDeviceHandler:
             body["user_signing_keys"] = {}
         for user_id in sorted(found):
             user_keys = found[user_id]
-            by_target = signatures_by_target(user_keys.signatures)
-            body["device_keys"][user_id] = {
-                device.device_id: device_keys_json(
-                    device,
-                    by_target.get(device.device_id, ()),
-                    display_name_in_unsigned=names,
-                )
-                for device in user_keys.devices
-            }
+            body["device_keys"][user_id] = user_device_keys(
+                user_keys, display_name_in_unsigned=names
+            )
             usages = [("master_keys", USAGE_MASTER), ("self_signing_keys", USAGE_SELF_SIGNING)]
             if not over_federation and user_id == requesting_user_id:
                 usages.append(("user_signing_keys", USAGE_USER_SIGNING))
@@ -790,6 +809,45 @@ class LocalDeviceHandler:
                 if key is not None:
                     body[name][user_id] = key
         return body
+
+    def encoded_federation_query_keys(
+        self, device_keys: Mapping[str, Sequence[str]]
+    ) -> "Deferred[bytes]":
+        """:meth:`query_keys` with ``over_federation``, as canonical JSON
+        bytes: what ``POST /user/keys/query`` sends.
+
+        The part of a user asked for with every device (an empty list, what
+        servers ask) is kept for the user's stream id it was read at, and
+        served again, without reading, decoding and encoding the keys, while
+        the user's stream id is the same: every change that shows in the
+        answer moves the stream.
+        """
+        return self._run(self._encoded_federation_query_keys(device_keys))
+
+    async def _encoded_federation_query_keys(
+        self, device_keys: Mapping[str, Sequence[str]]
+    ) -> bytes:
+        wanted = self._wanted_keys(device_keys)
+        names = self.allow_device_name_lookup_over_federation
+        kept: dict[str, EncodedUserKeys] = {}
+        for user_id, devices in wanted.items():
+            cached = self._key_answers.get(user_id, names) if devices is None else None
+            if cached is not None:
+                kept[user_id] = cached[1]
+        found = await self._store.get_local_user_keys_since(
+            wanted, {user_id: answer.stream_id for user_id, answer in kept.items()}
+        )
+        answers: dict[str, EncodedUserKeys] = {}
+        for user_id, user_keys in found.items():
+            if user_keys is None:
+                # still at the stream id of the kept answer
+                answers[user_id] = kept[user_id]
+                continue
+            answer = encode_user_keys(user_keys, include_display_names=names)
+            if wanted[user_id] is None and user_keys.stream_id > 0:
+                self._key_answers.put(user_id, names, user_keys.stream_id, answer)
+            answers[user_id] = answer
+        return encode_keys_query_body(answers)
 
     def claim_keys(self, one_time_keys: Mapping[str, Mapping[str, str]]) -> "Deferred[JsonDict]":
         """Claim one key per ``{user_id: {device_id: algorithm}}``: the
@@ -863,19 +921,23 @@ class LocalDeviceHandler:
     ) -> bytes:
         self.check_local_user(user_id)
         include = self.allow_device_name_lookup_over_federation
+        destination = self._snapshot_destination(requesting_server)
         cached = self._answers.get(user_id, include)
-        if cached is not None:
+        if cached is None:
+            snapshot = await self._store.get_user_devices_snapshot(user_id, destination)
+        else:
             # The answer for stream id S is a function of S: if S is still
-            # the user's last id, serve it again without reading the devices.
+            # the user's last id, serve it again without reading the devices
+            # (still recorded as served to D: a change committed since is no
+            # harm, D gets the snapshot at S and the EDUs after S, chained
+            # from S).
             stream_id, body = cached
-            if await self._store.get_max_stream_id(user_id) == stream_id:
-                destination = self._snapshot_destination(requesting_server)
-                if destination is not None:
-                    # A change committed since is no harm: D gets the
-                    # snapshot at S and the EDUs after S, chained from S.
-                    await self._store.record_snapshot_served(destination, user_id, stream_id)
+            since = await self._store.get_user_devices_snapshot_since(
+                user_id, destination, stream_id
+            )
+            if since is None:
                 return body
-        snapshot = await self._read_snapshot(user_id, requesting_server)
+            snapshot = since
 
         def encode() -> bytes:
             return encode_user_devices_body(snapshot, include_display_names=include)
@@ -883,8 +945,9 @@ class LocalDeviceHandler:
         if len(snapshot.devices) < INLINE_ENCODE_MAX_DEVICES:
             # well under a millisecond: not worth a trip to a thread (and a
             # wait behind a big answer being encoded there)
-            return encode()
-        body = await self._cpu_runner(encode)
+            body = encode()
+        else:
+            body = await self._cpu_runner(encode)
         if snapshot.stream_id > 0:
             self._answers.put(user_id, include, snapshot.stream_id, body)
         return body

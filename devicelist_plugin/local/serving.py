@@ -16,18 +16,23 @@ of immutable data, safe to run in a worker thread.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional
 
 from devicelist_plugin.core.models import USAGE_MASTER, USAGE_SELF_SIGNING, JsonDict
 from devicelist_plugin.storage.types import CrossSigningSignature, KeyedDevice, LocalUserKeys
 
 __all__ = [
+    "EncodedUserKeys",
     "cross_signing_key_json",
     "device_keys_json",
+    "encode_keys_query_body",
     "encode_user_devices_body",
+    "encode_user_keys",
     "public_key_of",
     "signatures_by_target",
     "user_devices_body",
+    "user_device_keys",
     "with_signatures",
 ]
 
@@ -107,6 +112,22 @@ def cross_signing_key_json(user_keys: LocalUserKeys, usage: str) -> Optional[Jso
     return with_signatures(raw, signatures)
 
 
+def user_device_keys(
+    user_keys: LocalUserKeys, *, display_name_in_unsigned: bool
+) -> dict[str, JsonDict]:
+    """A user's entry of a key query answer's ``device_keys``: every device
+    read, by device id (``display_name_in_unsigned`` as in :func:`device_keys_json`)."""
+    by_target = signatures_by_target(user_keys.signatures)
+    return {
+        device.device_id: device_keys_json(
+            device,
+            by_target.get(device.device_id, ()),
+            display_name_in_unsigned=display_name_in_unsigned,
+        )
+        for device in user_keys.devices
+    }
+
+
 def user_devices_body(user_keys: LocalUserKeys, *, include_display_names: bool) -> JsonDict:
     """The ``GET /_matrix/federation/v1/user/devices/{userId}`` answer.
 
@@ -172,3 +193,69 @@ def encode_user_devices_body(user_keys: LocalUserKeys, *, include_display_names:
         f',"stream_id":{user_keys.stream_id},"user_id":{_encode(user_keys.user_id)}}}'
     )
     return "".join(parts).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class EncodedUserKeys:
+    """One user's part of a federation key query answer, encoded: the
+    ``device_keys`` entry and the master and self-signing keys (``None``
+    when not set), each canonical JSON text.
+
+    A pure function of the user's state at ``stream_id`` (every change
+    that shows here moves the stream), so it can be kept and served again
+    while the user's stream id stays ``stream_id``.
+    """
+
+    stream_id: int
+    device_keys: str
+    master_key: Optional[str]
+    self_signing_key: Optional[str]
+
+    @property
+    def size(self) -> int:
+        """Roughly the memory it holds, in characters."""
+        return (
+            len(self.device_keys)
+            + len(self.master_key or "")
+            + len(self.self_signing_key or "")
+        )
+
+
+def encode_user_keys(user_keys: LocalUserKeys, *, include_display_names: bool) -> EncodedUserKeys:
+    """The federation key query answer's part of a user who asked for every
+    device: what :meth:`LocalDeviceHandler.query_keys` with
+    ``over_federation`` gives, encoded (``unsigned`` carries the display
+    name only when ``include_display_names``)."""
+
+    def encoded(key: Optional[JsonDict]) -> Optional[str]:
+        return None if key is None else _encode(key)
+
+    return EncodedUserKeys(
+        stream_id=user_keys.stream_id,
+        device_keys=_encode(
+            user_device_keys(user_keys, display_name_in_unsigned=include_display_names)
+        ),
+        master_key=encoded(cross_signing_key_json(user_keys, USAGE_MASTER)),
+        self_signing_key=encoded(cross_signing_key_json(user_keys, USAGE_SELF_SIGNING)),
+    )
+
+
+def encode_keys_query_body(answers: Mapping[str, EncodedUserKeys]) -> bytes:
+    """The canonical JSON of a federation key query answer made of users'
+    encoded parts: ``device_keys`` of every user, ``master_keys`` and
+    ``self_signing_keys`` of those that have them (users in canonical
+    order)."""
+    users = [(_encode(user_id), answers[user_id]) for user_id in sorted(answers)]
+    device_keys = ",".join(f"{user}:{part.device_keys}" for user, part in users)
+    masters = ",".join(
+        f"{user}:{part.master_key}" for user, part in users if part.master_key is not None
+    )
+    self_signing = ",".join(
+        f"{user}:{part.self_signing_key}"
+        for user, part in users
+        if part.self_signing_key is not None
+    )
+    return (
+        f'{{"device_keys":{{{device_keys}}},"master_keys":{{{masters}}},'
+        f'"self_signing_keys":{{{self_signing}}}}}'
+    ).encode("utf-8")

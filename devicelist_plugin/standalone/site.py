@@ -27,15 +27,17 @@ Twisted HTML page.
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Optional, Sequence
 
-from twisted.internet.interfaces import IReactorTime
-
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IAddress
-from twisted.web.iweb import IRequest
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.web import http
+from twisted.web.http import _escape, _XForwardedForAddress
+from twisted.web.iweb import IAccessLogFormatter, IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
+from zope.interface import provider
 
 from devicelist_plugin.federation.ipfilter import parse_address
 from devicelist_plugin.federation.resource import (
@@ -47,6 +49,7 @@ from devicelist_plugin.standalone.components import ServerComponents
 
 __all__ = [
     "Mount",
+    "access_log_line",
     "PrefixRoot",
     "RESOURCE_MOUNTS",
     "XForwardedRequest",
@@ -181,6 +184,40 @@ def _timed(
     return TimedRequest
 
 
+# bytes that twisted.web's _escape (a repr) leaves as they are
+_NEEDS_ESCAPE = re.compile(rb'[^ !#-&(-\[\]-~]')
+
+
+def _escaped(value: bytes) -> str:
+    if _NEEDS_ESCAPE.search(value) is None:
+        return value.decode("ascii")
+    result: str = _escape(value)
+    return result
+
+
+@provider(IAccessLogFormatter)
+def access_log_line(timestamp: str, request: http.Request) -> str:
+    """twisted.web's ``combinedLogFormatter`` line, the same text, made
+    with less work: one header look-up each and no ``repr`` of the fields
+    that need no escaping (all of them, normally).  It runs once per
+    request."""
+    address = request.getClientAddress()
+    if isinstance(address, (IPv4Address, IPv6Address, _XForwardedForAddress)):
+        ip = _escaped(address.host.encode("ascii"))
+    else:
+        ip = "-"
+    headers = request.requestHeaders
+    referrer = headers.getRawHeaders(b"referer")
+    agent = headers.getRawHeaders(b"user-agent")
+    length = request.sentLength or "-"
+    return (
+        f'"{ip}" - - {timestamp} "{_escaped(request.method)} {_escaped(request.uri)}'
+        f' {_escaped(request.clientproto)}" {request.code} {length}'
+        f' "{_escaped((referrer[-1] if referrer else b"") or b"-")}"'
+        f' "{_escaped((agent[-1] if agent else b"") or b"-")}"'
+    )
+
+
 def make_site(
     root: IResource,
     reactor: object,
@@ -192,7 +229,8 @@ def make_site(
     """A Site for ``root``: request bodies limited while received, no form
     parsing, client addresses from ``X-Forwarded-For`` when ``x_forwarded``;
     ``request_observer(request, seconds)`` is told of each finished request
-    (the metrics' latency histogram)."""
+    (the metrics' latency histogram).  The access log has twisted.web's
+    combined format (:func:`access_log_line`)."""
     base: type[SizeLimitingRequest] = XForwardedRequest if x_forwarded else SizeLimitingRequest
     if request_observer is not None:
         base = _timed(base, reactor, request_observer)  # type: ignore[arg-type]
@@ -201,4 +239,5 @@ def make_site(
         requestFactory=base.with_limit(max_body_size),
         parsePOSTFormSubmission=False,
         reactor=reactor,
+        logFormatter=access_log_line,
     )

@@ -242,6 +242,16 @@ class IDeviceListStore(Protocol):
         master keys, visible only to their signer).
         """
 
+    def get_local_user_keys_since(
+        self,
+        wanted: Mapping[str, Optional[Collection[str]]],
+        known_stream_ids: Mapping[str, int],
+    ) -> "Deferred[dict[str, Optional[LocalUserKeys]]]":
+        """:meth:`get_local_user_keys` (without ``from_user_id``), except that
+        a user whose last stream id is still the one in ``known_stream_ids``
+        is not read: ``None``.  For a caller that keeps answers by the
+        stream id they were read at."""
+
     def get_user_devices_snapshot(
         self, user_id: str, destination: Optional[str] = None
     ) -> "Deferred[LocalUserKeys]":
@@ -255,6 +265,15 @@ class IDeviceListStore(Protocol):
         the next EDU sent there names ``stream_id`` as its ``prev_id``.
         Nothing is recorded for a user that never had a change.
         """
+
+    def get_user_devices_snapshot_since(
+        self, user_id: str, destination: Optional[str], known_stream_id: int
+    ) -> "Deferred[Optional[LocalUserKeys]]":
+        """:meth:`get_user_devices_snapshot`, or ``None`` when the user's
+        last stream id is still ``known_stream_id`` (the devices are then
+        not read; the snapshot at ``known_stream_id`` is still recorded as
+        served to ``destination``).  For a caller that keeps the answer of
+        the snapshot at ``known_stream_id``."""
 
     def record_snapshot_served(
         self, destination: str, user_id: str, stream_id: int

@@ -754,6 +754,17 @@ class Store:
             for u in users
         }
 
+    def _stream_positions(self, t: Txn, users: Iterable[str]) -> dict[str, int]:
+        positions: dict[str, int] = {}
+        for chunk in _chunks(sorted(users)):
+            for user_id, pos in t.query(
+                "SELECT user_id, pos FROM local_stream_positions"
+                f" WHERE user_id IN ({_marks(len(chunk))})",
+                chunk,
+            ):
+                positions[user_id] = int(pos)
+        return positions
+
     def get_local_user_keys(
         self,
         wanted: Mapping[str, Optional[Collection[str]]],
@@ -763,36 +774,69 @@ class Store:
         requested = {u: (None if ids is None else tuple(ids)) for u, ids in wanted.items()}
 
         def txn(t: Txn) -> dict[str, LocalUserKeys]:
-            positions: dict[str, int] = {}
-            for chunk in _chunks(sorted(requested)):
-                for user_id, pos in t.query(
-                    "SELECT user_id, pos FROM local_stream_positions"
-                    f" WHERE user_id IN ({_marks(len(chunk))})",
-                    chunk,
-                ):
-                    positions[user_id] = int(pos)
+            positions = self._stream_positions(t, requested)
             return self._read_user_keys(t, requested, positions, from_user_id)
 
         return self.database.run("get_local_user_keys", txn, readonly=True)
+
+    def get_local_user_keys_since(
+        self,
+        wanted: Mapping[str, Optional[Collection[str]]],
+        known_stream_ids: Mapping[str, int],
+    ) -> "Deferred[dict[str, Optional[LocalUserKeys]]]":
+        requested = {u: (None if ids is None else tuple(ids)) for u, ids in wanted.items()}
+        known = dict(known_stream_ids)
+
+        def txn(t: Txn) -> dict[str, Optional[LocalUserKeys]]:
+            positions = self._stream_positions(t, requested)
+            changed = {
+                u: ids for u, ids in requested.items() if u not in positions or positions[u] != known.get(u)
+            }
+            found: dict[str, Optional[LocalUserKeys]] = dict.fromkeys(requested)
+            if changed:
+                found.update(self._read_user_keys(t, changed, positions, None))
+            return found
+
+        return self.database.run("get_local_user_keys_since", txn, readonly=True)
+
+    def _user_devices_snapshot(
+        self, t: Txn, user_id: str, destination: Optional[str], known_stream_id: Optional[int]
+    ) -> Optional[LocalUserKeys]:
+        # Holding the user's position row keeps every change of the user
+        # (they all take it first) out until this snapshot is read.
+        lock = t.dialect.for_update if destination is not None else ""
+        row = t.query_one(
+            f"SELECT pos FROM local_stream_positions WHERE user_id = ?{lock}", (user_id,)
+        )
+        position = None if row is None else int(row[0])
+        snapshot = None
+        if position is None or position != known_stream_id:
+            positions = {} if position is None else {user_id: position}
+            snapshot = self._read_user_keys(t, {user_id: None}, positions, None)[user_id]
+        if destination is not None and position is not None:
+            self._record_snapshot_served(t, destination, user_id, position)
+        return snapshot
 
     def get_user_devices_snapshot(
         self, user_id: str, destination: Optional[str] = None
     ) -> "Deferred[LocalUserKeys]":
         def txn(t: Txn) -> LocalUserKeys:
-            # Holding the user's position row keeps every change of the user
-            # (they all take it first) out until this snapshot is read.
-            lock = t.dialect.for_update if destination is not None else ""
-            row = t.query_one(
-                f"SELECT pos FROM local_stream_positions WHERE user_id = ?{lock}", (user_id,)
-            )
-            positions = {} if row is None else {user_id: int(row[0])}
-            snapshot = self._read_user_keys(t, {user_id: None}, positions, None)[user_id]
-            if destination is not None and row is not None:
-                self._record_snapshot_served(t, destination, user_id, snapshot.stream_id)
+            snapshot = self._user_devices_snapshot(t, user_id, destination, None)
+            assert snapshot is not None
             return snapshot
 
         return self.database.run(
             "get_user_devices_snapshot", txn, readonly=destination is None
+        )
+
+    def get_user_devices_snapshot_since(
+        self, user_id: str, destination: Optional[str], known_stream_id: int
+    ) -> "Deferred[Optional[LocalUserKeys]]":
+        def txn(t: Txn) -> Optional[LocalUserKeys]:
+            return self._user_devices_snapshot(t, user_id, destination, known_stream_id)
+
+        return self.database.run(
+            "get_user_devices_snapshot_since", txn, readonly=destination is None
         )
 
     def _record_snapshot_served(
@@ -811,12 +855,18 @@ class Store:
             (destination, user_id, KIND_DEVICE, stream_id),
         )
         row = t.query_one(
-            "SELECT stream_ids_json FROM outbound_unreferenced"
+            "SELECT stream_ids_json, snapshot_stream_id FROM outbound_unreferenced"
             f" WHERE destination = ? AND user_id = ?{t.dialect.for_update}",
             (destination, user_id),
         )
-        if row is not None and any(int(i) > stream_id for i in loads(row[0])):
-            return
+        if row is not None:
+            ids = [int(i) for i in loads(row[0])]
+            if any(i > stream_id for i in ids):
+                return
+            if ids == [stream_id] and row[1] is not None and int(row[1]) == stream_id:
+                # served this snapshot before and nothing sent since: an
+                # unchanged row is no write (and, on SQLite, no commit to sync)
+                return
         t.execute(
             "INSERT INTO outbound_unreferenced"
             " (destination, user_id, stream_ids_json, snapshot_stream_id) VALUES (?, ?, ?, ?)"

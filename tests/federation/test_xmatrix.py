@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import random
 import re
+from typing import Callable
 
 from signedjson.key import generate_signing_key, get_verify_key
 from signedjson.sign import sign_json, verify_signed_json
 from twisted.trial.unittest import SynchronousTestCase
 
+from devicelist_plugin.federation import xmatrix
 from devicelist_plugin.federation.xmatrix import (
     XMatrixAuth,
     XMatrixParseError,
@@ -154,6 +157,63 @@ class ParseTests(SynchronousTestCase):
 
 
 DEFAULT_CONTENT = {"origin": "a.example", "edus": []}
+
+
+class SimpleShapeTests(SynchronousTestCase):
+    """The fast path for the usual header shape gives what the full parser
+    gives, for every header, the malformed ones included."""
+
+    def outcome(self, parse: Callable[[str], XMatrixAuth | None], header: str) -> object:
+        try:
+            return parse(header)
+        except XMatrixParseError as e:
+            return ("error", str(e))
+
+    def assertSameAsFull(self, header: str) -> None:
+        self.assertEqual(
+            self.outcome(parse_xmatrix_header, header),
+            self.outcome(xmatrix._parse_full, header),
+            header,
+        )
+
+    def test_usual_headers_take_the_fast_path(self) -> None:
+        self.assertEqual(xmatrix._parse_simple(SPEC_EXAMPLE), SPEC_AUTH)
+        header = build_authorization_header(
+            generate_signing_key("k1"), "a.example:8448", "b.example", "GET", "/x", None
+        ).decode()
+        self.assertIsNotNone(xmatrix._parse_simple(header))
+
+    def test_usual_and_unusual_headers(self) -> None:
+        for header in [
+            SPEC_EXAMPLE,
+            'X-Matrix origin="a",key="ed25519:k",sig="s"',
+            ' \tX-Matrix sig="s",key="k",origin="a",extra="" \t',
+            'X-Matrix origin="a",key="k",sig="s",origin="b"',
+            'X-Matrix origin="a",key="k",sig="s",destination=""',
+            'X-Matrix origin="",key="k",sig="s"',
+            'X-Matrix origin="a",key="k"',
+            'X-Matrix ORIGIN="a",Key="k",SIG="s",Destination="d"',
+            'x-matrix origin="a",key="k",sig="s"',
+            'X-Matrix  origin="a",key="k",sig="s"',
+            'X-Matrix origin="a", key="k",sig="s"',
+            'X-Matrix origin="a\\"b",key="k",sig="s"',
+            'X-Matrix origin=a,key=k,sig=s',
+            'X-Matrix origin="é.example",key="k",sig="s"',
+            'Bearer abc',
+            'X-Matrix',
+        ]:
+            with self.subTest(header=header):
+                self.assertSameAsFull(header)
+
+    def test_random_headers(self) -> None:
+        rng = random.Random(8)
+        pieces = ['origin="a"', 'key="k"', 'sig="s"', 'destination="d"', 'x="y"', 'origin=""',
+                  'Key="K"', "sig=s", '"', "\\", ",", " ", "=", "X-Matrix ", "é"]
+        for _ in range(3000):
+            header = "X-Matrix " + ",".join(rng.choice(pieces) for _ in range(rng.randrange(6)))
+            if rng.random() < 0.3:
+                header = "".join(rng.choice(pieces) for _ in range(rng.randrange(8)))
+            self.assertSameAsFull(header)
 
 
 class SigningTests(SynchronousTestCase):

@@ -687,6 +687,17 @@ class AnswerCacheTests(HandlerCase):
             return original(user_id, destination)
 
         self.patch(self.store, "get_user_devices_snapshot", counting)
+        original_since = self.store.get_user_devices_snapshot_since
+
+        def counting_since(user_id: str, destination: str | None, known: int) -> Any:
+            def read(snapshot: Any) -> Any:
+                if snapshot is not None:  # the devices were read
+                    self.reads.append(user_id)
+                return snapshot
+
+            return original_since(user_id, destination, known).addCallback(read)
+
+        self.patch(self.store, "get_user_devices_snapshot_since", counting_since)
 
     def serve(self, destination: str = "a.example") -> JsonDict:
         body: JsonDict = json.loads(
@@ -731,17 +742,31 @@ class AnswerCacheTests(HandlerCase):
             self.successResultOf(handler.encoded_user_devices_snapshot(ALICE, "a.example"))
         self.assertEqual(self.reads, [ALICE, ALICE])
 
-    def test_small_users_are_not_cached(self) -> None:
+    def test_small_users_too(self) -> None:
         self.successResultOf(self.handler.create_device(BOB, "B1"))
         self.successResultOf(
             self.handler.upload_device_keys(BOB, "B1", ClientDevice(BOB, "B1").device_keys())
         )
-        for _ in range(2):
+        answers = [
             self.successResultOf(self.handler.encoded_user_devices_snapshot(BOB, "a.example"))
+            for _ in range(2)
+        ]
+        self.assertEqual(self.reads, [BOB])
+        self.assertEqual(answers[0], answers[1])
+        self.successResultOf(self.handler.delete_device(BOB, "B1"))
+        after: JsonDict = json.loads(
+            self.successResultOf(self.handler.encoded_user_devices_snapshot(BOB, "a.example"))
+        )
+        self.assertEqual((after["stream_id"], after["devices"]), (3, []))
         self.assertEqual(self.reads, [BOB, BOB])
+        # the server that asks for its own users' lists records nothing
+        self.successResultOf(self.handler.encoded_user_devices_snapshot(BOB, "b.example"))
+        self.assertEqual(
+            self.successResultOf(self.store.get_unreferenced("b.example", [BOB])), {BOB: frozenset()}
+        )
 
     def test_cache_bounds(self) -> None:
-        cache = handler_module._AnswerCache(10)
+        cache: handler_module._AnswerCache[bytes] = handler_module._AnswerCache(10, len)
         cache.put("@a:x", False, 1, b"aaaa")
         cache.put("@b:x", False, 1, b"bbbb")
         self.assertEqual(cache.get("@a:x", False), (1, b"aaaa"))  # now the most recent

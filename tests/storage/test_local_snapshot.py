@@ -223,8 +223,81 @@ class LocalKeysStoreTestsMixin(_Base):
         self.assertEqual(counts[0], counts[1])
         self.assertLessEqual(counts[1], 8)
 
+    async def test_snapshot_since_a_known_stream_id(self) -> None:
+        store = await self.store()
+        await self.device_with_keys(store, ALICE, "D1", None, (DEST,))
+        self.assertIsNone(await store.get_user_devices_snapshot_since(ALICE, DEST, 2))
+        # still recorded as served: the pending change is covered
+        self.assertEqual(await store.get_pending(DEST, 10), [])
+        self.assertEqual(await store.get_unreferenced(DEST, [ALICE]), {ALICE: frozenset({2})})
+        await store.rename_device(ALICE, "D1", "new", 2000, (DEST,))
+        snapshot = await store.get_user_devices_snapshot_since(ALICE, DEST, 2)
+        assert snapshot is not None
+        self.assertEqual(snapshot, await store.get_user_devices_snapshot(ALICE))
+        self.assertEqual((snapshot.stream_id, snapshot.devices[0].display_name), (3, "new"))
+        self.assertEqual(await store.get_pending(DEST, 10), [])
+        self.assertEqual(await store.get_unreferenced(DEST, [ALICE]), {ALICE: frozenset({3})})
+        # without a destination nothing is recorded; a user without changes
+        # is read (an empty snapshot at 0)
+        self.assertIsNone(await store.get_user_devices_snapshot_since(ALICE, None, 3))
+        empty = await store.get_user_devices_snapshot_since(BOB, DEST, 0)
+        assert empty is not None
+        self.assertEqual((empty.stream_id, empty.devices), (0, ()))
+        self.assertEqual(await store.get_unreferenced(DEST, [BOB]), {BOB: frozenset()})
+
+    async def test_serving_the_same_snapshot_again_writes_nothing(self) -> None:
+        """The record is a write only when it changes something: a server
+        refetching an unchanged list costs no commit to sync."""
+        store = await self.store()
+        await self.device_with_keys(store, ALICE, "D1", None, (DEST,))
+        writes: list[str] = []
+        original = Txn.execute
+
+        def counting(txn: Txn, sql: str, params: Any = ()) -> None:
+            if sql.lstrip().upper().startswith(("INSERT", "UPDATE")):
+                writes.append(sql)
+            original(txn, sql, params)
+
+        self.patch(Txn, "execute", counting)
+        await store.get_user_devices_snapshot(ALICE, DEST)
+        self.assertEqual(len(writes), 1)
+        await store.get_user_devices_snapshot(ALICE, DEST)
+        await store.record_snapshot_served(DEST, ALICE, 2)
+        self.assertEqual(len(writes), 1)
+        self.assertEqual(await store.get_unreferenced(DEST, [ALICE]), {ALICE: frozenset({2})})
+        self.patch(Txn, "execute", original)
+        # a change, pending for DEST: served again, the record is rewritten
+        await store.rename_device(ALICE, "D1", "new", 2000, (DEST,))
+        self.patch(Txn, "execute", counting)
+        snapshot = await store.get_user_devices_snapshot(ALICE, DEST)
+        self.assertEqual(snapshot.stream_id, 3)
+        self.assertEqual(len(writes), 2)
+        self.assertEqual(await store.get_pending(DEST, 10), [])
+        self.assertEqual(await store.get_unreferenced(DEST, [ALICE]), {ALICE: frozenset({3})})
+        # another destination: its own record
+        await store.get_user_devices_snapshot(ALICE, OTHER_DEST)
+        self.assertEqual(len(writes), 3)
+        self.assertEqual(await store.get_unreferenced(OTHER_DEST, [ALICE]), {ALICE: frozenset({3})})
+
     # ------------------------------------------------------------------
     # key queries
+
+    async def test_get_local_user_keys_since(self) -> None:
+        store = await self.store()
+        nobody = "@nobody:local.test"
+        await self.device_with_keys(store, ALICE, "D1", "phone")  # 2
+        await self.device_with_keys(store, BOB, "B1")  # 2
+        wanted = {ALICE: None, BOB: ("B1",), nobody: None}
+        fresh = await store.get_local_user_keys(wanted)
+        found = await store.get_local_user_keys_since(wanted, {ALICE: 2, BOB: 1, nobody: 0})
+        # ALICE unchanged; BOB moved on; nobody (no stream id at all) is read
+        self.assertEqual(found, {ALICE: None, BOB: fresh[BOB], nobody: fresh[nobody]})
+        self.assertEqual(await store.get_local_user_keys_since(wanted, {}), fresh)
+        await store.rename_device(ALICE, "D1", "new", 2000, ())
+        found = await store.get_local_user_keys_since({ALICE: None}, {ALICE: 2})
+        alice = found[ALICE]
+        assert alice is not None
+        self.assertEqual((alice.stream_id, alice.devices[0].display_name), (3, "new"))
 
     async def test_get_local_user_keys(self) -> None:
         store = await self.store()
