@@ -16,6 +16,7 @@ reactor must also provide ``IReactorFromThreads`` (every real reactor does).
 from __future__ import annotations
 
 import sqlite3
+import time
 from typing import Any, Optional, Sequence
 
 from twisted.enterprise.adbapi import ConnectionPool
@@ -35,11 +36,34 @@ def _setup_sqlite_connection(conn: sqlite3.Connection) -> None:
     # The connection is in autocommit mode (isolation_level=None): the engine
     # issues BEGIN itself, and these pragmas run outside any transaction.
     conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-    conn.execute("PRAGMA journal_mode = WAL").fetchall()
+    _use_wal(conn)
     # FULL: a commit (an EDU answered 200, an acknowledged send) survives a
     # power loss too, not only a process crash
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA foreign_keys = ON")
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Put the database in WAL mode (once; it persists in the file).
+
+    Switching needs an exclusive lock, and SQLite may refuse it at once
+    ("database is locked", without waiting the busy timeout) when another
+    connection opens the file at the same moment -- several processes, or a
+    pool, starting together.  Once in WAL mode there is nothing to switch; a
+    refused switch is retried for up to the busy timeout.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            mode = conn.execute("PRAGMA journal_mode").fetchone()
+            if mode is not None and str(mode[0]).lower() == "wal":
+                return
+            conn.execute("PRAGMA journal_mode = WAL").fetchall()
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _setup_postgres_connection(conn: Any) -> None:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
+from typing import Any
+
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from devicelist_plugin.storage import SchemaError, open_sqlite_store
 from devicelist_plugin.storage.engines import PostgresDialect, SqliteDialect
+from devicelist_plugin.storage.factory import _use_wal
 from devicelist_plugin.storage.migrations import (
     Migration,
     check_migrations,
@@ -79,3 +84,44 @@ class SynchronousStoreTests(SynchronousTestCase):
         )
         self.assertEqual(len(self.successResultOf(store.get_pending("y", 10))), 2)
         self.assertEqual(reactor.getDelayedCalls(), [])
+
+
+class _LockedOnce:
+    """A connection whose first journal-mode switch is refused as locked."""
+
+    def __init__(self, error: str = "database is locked") -> None:
+        self.conn = sqlite3.connect(":memory:")
+        self.error = error
+        self.switches = 0
+
+    def execute(self, sql: str) -> Any:
+        if sql == "PRAGMA journal_mode = WAL":
+            self.switches += 1
+            if self.switches == 1:
+                raise sqlite3.OperationalError(self.error)
+            return self.conn.execute("SELECT 'wal'")
+        if sql == "PRAGMA journal_mode":
+            return self.conn.execute("SELECT 'delete'" if self.switches < 2 else "SELECT 'wal'")
+        return self.conn.execute(sql)
+
+
+class WalModeTests(SynchronousTestCase):
+    def test_a_switch_refused_as_locked_is_retried(self) -> None:
+        conn = _LockedOnce()
+        _use_wal(conn)  # type: ignore[arg-type]
+        self.assertEqual(conn.switches, 2)
+
+    def test_other_errors_are_not_retried(self) -> None:
+        conn = _LockedOnce("disk I/O error")
+        with self.assertRaises(sqlite3.OperationalError):
+            _use_wal(conn)  # type: ignore[arg-type]
+        self.assertEqual(conn.switches, 1)
+
+    def test_a_database_in_wal_mode_is_left_alone(self) -> None:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "x.db")
+        sqlite3.connect(path).execute("PRAGMA journal_mode = WAL").fetchall()
+        conn = sqlite3.connect(path)
+        _use_wal(conn)
+        self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
