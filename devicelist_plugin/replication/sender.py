@@ -28,8 +28,10 @@ transactions, one queue per destination:
   unreferenced ids stored, in-flight transaction cleared).
 
 When it sends.  Device-list EDUs never wait for other traffic (Synapse #3781):
-a committed change (the handler's change listener) wakes the queues of the
-destinations that have pending rows of the user; a destination newly sharing
+a committed change wakes, at once and without reading the store, the queues
+of the destinations it was queued for (the handler's queued listener; an
+idle destination is sent to immediately, a busy one's next transaction takes
+every row queued meanwhile); a destination newly sharing
 a room with a user (the membership listener) is woken once that user's
 current devices are queued (Synapse #11374); on start-up every destination
 with pending rows, an in-flight transaction or a chain reset is scheduled
@@ -176,7 +178,7 @@ from devicelist_plugin.federation.client import (
     RequestSendFailed,
 )
 from devicelist_plugin.federation.errors import M_UNRECOGNIZED
-from devicelist_plugin.local.handler import ChangeListener
+from devicelist_plugin.local.handler import ChangeListener, QueuedListener
 from devicelist_plugin.local.serving import cross_signing_key_json
 from devicelist_plugin.membership import MembershipSource
 from devicelist_plugin.replication.retry import DestinationRetryTracker
@@ -220,6 +222,10 @@ class LocalDeviceSource(Protocol):
     def add_change_listener(self, listener: ChangeListener) -> None: ...
 
     def remove_change_listener(self, listener: ChangeListener) -> None: ...
+
+    def add_queued_listener(self, listener: QueuedListener) -> None: ...
+
+    def remove_queued_listener(self, listener: QueuedListener) -> None: ...
 
 
 class ErrorAction(enum.Enum):
@@ -311,7 +317,7 @@ class DeviceListSender(Service):
     :param client: sends the signed ``PUT /send`` requests.
     :param clock: time of transactions and retries (``callLater``).
     :param tracker: the per-destination backoff shared with the inbound side.
-    :param local: the device states EDUs carry, and the change listener.
+    :param local: the device states EDUs carry, and the queued listener.
     :param membership: heard for servers newly sharing a room with a user.
     :param edu_limit: EDUs per transaction (at most 100).
     :param compact_dead_destinations: apply the long-dead destination policy
@@ -388,6 +394,9 @@ class DeviceListSender(Service):
         self._not_before: dict[str, float] = {}
         # EDUs per transaction, reduced by 400/413
         self._limits: dict[str, int] = {}
+        # destinations known (from this sender's own reads and writes) to have
+        # no in-flight transaction: the next one is built without reading it
+        self._no_inflight: set[str] = set()
         self._tasks: set[object] = set()
         self._idle_waiters: list[Deferred[None]] = []
 
@@ -419,7 +428,8 @@ class DeviceListSender(Service):
             return succeed(None)
         self._started = True
         self._stopped = False
-        self._local.add_change_listener(self.on_local_change)
+        self._no_inflight.clear()
+        self._local.add_queued_listener(self.on_queued)
         if not self._registered:
             # neither offers a way to unregister: calls after stop() are ignored
             self._registered = True
@@ -441,7 +451,7 @@ class DeviceListSender(Service):
         if self._started:
             self._started = False
             self._stopped = True
-            self._local.remove_change_listener(self.on_local_change)
+            self._local.remove_queued_listener(self.on_queued)
             if self._poller is not None:
                 if self._poller.running:
                     self._poller.stop()
@@ -485,10 +495,17 @@ class DeviceListSender(Service):
     # ------------------------------------------------------------------
     # what wakes a queue
 
+    def on_queued(self, user_id: str, destinations: frozenset[str]) -> None:
+        """The handler's queued listener: wake the queues a change was just
+        queued for, without reading the store (its change is committed)."""
+        for destination in sorted(destinations):
+            self.wake(destination)
+
     def on_local_change(
         self, user_id: str, stream_id: int, device_ids: tuple[str, ...]
     ) -> "Deferred[None]":
-        """The handler's change listener: wake the queues holding the user's rows."""
+        """A change listener for another writer's handler (sharing the
+        database): wake the queues holding the user's rows."""
         return self._spawn("wake after a change", self._wake_for_user(user_id))
 
     async def _wake_for_user(self, user_id: str) -> None:
@@ -627,8 +644,15 @@ class DeviceListSender(Service):
                 return
 
     async def _next_transaction(self, destination: str) -> Optional[_Transaction]:
-        inflight = await self._store.get_inflight_txn(destination)
-        if inflight is not None:
+        # Only this sender writes the destination's in-flight transaction
+        # (one sender per destination), so once it has seen or made the
+        # destination without one it need not read it again.
+        inflight = None
+        if destination not in self._no_inflight:
+            inflight = await self._store.get_inflight_txn(destination)
+        if inflight is None:
+            self._no_inflight.add(destination)
+        else:
             try:
                 return _Transaction.from_inflight(inflight)
             except ValueError as e:
@@ -641,6 +665,7 @@ class DeviceListSender(Service):
                     error=str(e),
                 )
                 await self._store.clear_inflight_txn(destination, inflight.txn_id)
+                self._no_inflight.add(destination)
         while True:
             txn = await self._build(destination)
             if txn is None or txn.edu_count > 0:
@@ -728,6 +753,7 @@ class DeviceListSender(Service):
         )
         txn = _Transaction(txn_id, body, tuple(sent), unreferenced_after, len(edus), consumed)
         if txn.edu_count > 0:
+            self._no_inflight.discard(destination)
             await self._store.begin_outbound_transaction(
                 destination, txn_id, txn.payload(), consumed
             )
@@ -840,6 +866,7 @@ class DeviceListSender(Service):
         await self._store.ack_sent(
             destination, txn.sent, txn.unreferenced_after, completed_txn_id=txn.txn_id
         )
+        self._no_inflight.add(destination)
         await self._tracker.record_success(destination)
         self.last_success[destination] = self._clock.seconds()
         self._not_before.pop(destination, None)
@@ -921,6 +948,7 @@ class DeviceListSender(Service):
         if txn.restarted:
             await self._store.add_chain_resets([(destination, u) for u in txn.restarted])
         await self._store.clear_inflight_txn(destination, txn.txn_id)
+        self._no_inflight.add(destination)
 
     async def _compact_if_dead(self, destination: str) -> None:
         if self.dead_destination_after is None:

@@ -290,6 +290,76 @@ class FakeClientCase(SynchronousTestCase):
         ]
 
 
+class ImmediateSendTests(FakeClientCase):
+    """A change reaches an idle destination at its commit: no timer, no
+    coalescing delay, and no store read that the sender can know the answer
+    of."""
+
+    def count_reads(self, *names: str) -> dict[str, int]:
+        counts = {name: 0 for name in names}
+        for name in names:
+            original = getattr(self.store, name)
+
+            def counting(*args: Any, _name: str = name, _original: Any = original) -> Any:
+                counts[_name] += 1
+                return _original(*args)
+
+            self.patch(self.store, name, counting)
+        return counts
+
+    def test_sent_at_the_commit_without_a_timer(self) -> None:
+        sender = self.sender()
+        self.successResultOf(self.handler.create_device(ALICE, "PHONE"))
+        # the simulated clock never moved: both requests went out at the commit
+        self.assertEqual(sorted(d for d, _, _ in self.client.calls), [S, T])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(sender.transactions_sent, 2)
+
+    def test_a_change_wakes_its_destinations_without_reading_them(self) -> None:
+        self.sender()
+        reads = self.count_reads("destinations_pending_for_user", "get_inflight_txn")
+        self.successResultOf(self.handler.create_device(ALICE, "PHONE"))
+        # the first transaction to each destination reads its in-flight one
+        self.assertEqual(reads, {"destinations_pending_for_user": 0, "get_inflight_txn": 2})
+        self.successResultOf(self.handler.rename_device(ALICE, "PHONE", "mine"))
+        # acknowledged by this sender: known to have none
+        self.assertEqual(reads, {"destinations_pending_for_user": 0, "get_inflight_txn": 2})
+        self.assertEqual(len(self.client.calls), 4)
+        self.assertEqual(self.successResultOf(self.store.destinations_to_send()), [])
+
+    def test_a_failed_transaction_is_sent_again_unchanged(self) -> None:
+        self.sender(owns_destination=lambda d: d == S)
+        self.client.errors = [RequestSendFailed("refused", True)]
+        self.successResultOf(self.handler.create_device(ALICE, "PHONE"))
+        self.successResultOf(self.handler.rename_device(ALICE, "PHONE", "mine"))
+        self.assertEqual(len(self.client.calls), 1)
+        self.clock.advance(backoff_delays(1)[0])
+        self.assertEqual(len(self.client.calls), 3)
+        # the retry is the persisted transaction (same txnId and body), then
+        # the rename follows in a new one
+        self.assertEqual(self.client.calls[0][1:], self.client.calls[1][1:])
+        self.assertNotEqual(self.client.calls[1][1], self.client.calls[2][1])
+        self.assertEqual(self.successResultOf(self.store.get_pending(S, 10)), [])
+
+    def test_restart_reads_the_in_flight_transaction_again(self) -> None:
+        sender = self.sender(owns_destination=lambda d: d == S)
+        self.successResultOf(self.handler.create_device(ALICE, "PHONE"))
+        self.successResultOf(sender.stop())
+        # a transaction left in flight meanwhile (by another run sharing
+        # the database) is what the restarted sender sends first
+        self.successResultOf(self.handler.rename_device(ALICE, "PHONE", "mine"))
+        body = {"origin": A, "origin_server_ts": 0, "pdus": [], "edus": []}
+        payload = {"version": 1, "body": body, "sent": [], "unreferenced_after": {},
+                   "restarted": []}
+        self.successResultOf(self.store.begin_outbound_transaction(S, "left", payload, ()))
+        self.successResultOf(sender.start())
+        self.assertEqual([path.rsplit("/", 1)[1] for _, path, _ in self.client.calls[1:2]],
+                         ["left"])
+        self.assertEqual(len(self.client.calls), 3)
+        self.assertIsNone(self.successResultOf(self.store.get_inflight_txn(S)))
+        self.assertEqual(self.successResultOf(self.store.get_pending(S, 10)), [])
+
+
 class ShardingAndPollingTests(FakeClientCase):
     def test_only_owned_destinations_are_served(self) -> None:
         self.sender(owns_destination=lambda d: d == T)
