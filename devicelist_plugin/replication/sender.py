@@ -21,11 +21,17 @@ transactions, one queue per destination:
 * ``prev_id``: the first EDU of a user names every id the destination
   acknowledged and nothing referenced yet (``[]`` when none: the receiver
   resyncs), each next one the previous EDU's ``stream_id``;
-* the transaction (txnId, body, and what to acknowledge) is persisted before
-  it is sent (``begin_outbound_transaction``) and re-sent unchanged, same
-  txnId, until the destination answers 200; the 200 is recorded with
-  ``ack_sent`` in one database transaction (covered pending rows deleted,
-  unreferenced ids stored, in-flight transaction cleared).
+* the transaction (txnId, body, and what to acknowledge) is persisted
+  (``begin_outbound_transaction``) while it is first sent -- the commit and
+  the request overlap, and the answer is acted on only once the commit is
+  done -- and re-sent unchanged, same txnId, until the destination answers
+  200; the 200 is recorded with ``ack_sent`` in one database transaction
+  (covered pending rows deleted, unreferenced ids stored, in-flight
+  transaction cleared).  Sending before the commit loses nothing: the
+  pending rows were committed with the change and stay until acknowledged,
+  so after a crash in between the same EDUs go out again in a new
+  transaction (receivers ignore stream ids they have), and a chain reset it
+  would have consumed is applied once more (one more resync at worst).
 
 When it sends.  Device-list EDUs never wait for other traffic (Synapse #3781):
 a committed change wakes, at once and without reading the store, the queues
@@ -139,7 +145,7 @@ from __future__ import annotations
 
 import enum
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import (
     Any,
     Awaitable,
@@ -271,6 +277,9 @@ class _Transaction:
     # the users whose chain reset it consumed when it was persisted (they
     # come back if it is abandoned)
     restarted: tuple[str, ...] = ()
+    # the commit persisting a new transaction (None: read back from the
+    # store); it never fails (a failure is logged)
+    persisted: "Optional[Deferred[None]]" = field(default=None, compare=False)
 
     def payload(self) -> JsonDict:
         return {
@@ -752,12 +761,23 @@ class DeviceListSender(Service):
             )
         )
         txn = _Transaction(txn_id, body, tuple(sent), unreferenced_after, len(edus), consumed)
-        if txn.edu_count > 0:
-            self._no_inflight.discard(destination)
-            await self._store.begin_outbound_transaction(
-                destination, txn_id, txn.payload(), consumed
-            )
-        return txn
+        if txn.edu_count == 0:
+            return txn
+        # not awaited: the request is made while this commits (module docstring)
+        self._no_inflight.discard(destination)
+        persisted = self._store.begin_outbound_transaction(
+            destination, txn_id, txn.payload(), consumed
+        )
+        persisted.addErrback(self._persist_failed, destination, txn_id)
+        return replace(txn, persisted=persisted)
+
+    def _persist_failed(self, failure: Failure, destination: str, txn_id: str) -> None:
+        self.log.failure(
+            "persisting transaction {txn_id} to {destination} failed; its rows stay pending",
+            failure,
+            txn_id=txn_id,
+            destination=destination,
+        )
 
     async def _pending_changes(self, rows: Sequence[PendingRow]) -> list[PendingChange]:
         by_user: dict[str, list[PendingRow]] = {}
@@ -842,6 +862,10 @@ class DeviceListSender(Service):
             error = e
         finally:
             self._requests.pop(destination, None)
+        if txn.persisted is not None:
+            # whatever the answer, act on it only once the transaction is
+            # persisted: an acknowledgement must clear it, a retry resend it
+            await txn.persisted
 
         if isinstance(error, CancelledError):
             if self._stopped:

@@ -341,6 +341,60 @@ class ImmediateSendTests(FakeClientCase):
         self.assertNotEqual(self.client.calls[1][1], self.client.calls[2][1])
         self.assertEqual(self.successResultOf(self.store.get_pending(S, 10)), [])
 
+    def gate_persisting(self) -> "list[Deferred[None]]":
+        gates: "list[Deferred[None]]" = []
+        original = self.store.begin_outbound_transaction
+
+        def gated(*args: Any) -> "Deferred[None]":
+            gate: "Deferred[None]" = Deferred()
+            gates.append(gate)
+            return gate.addCallback(lambda _: original(*args))
+
+        self.patch(self.store, "begin_outbound_transaction", gated)
+        return gates
+
+    def test_sent_while_persisting_and_acknowledged_after(self) -> None:
+        self.sender(owns_destination=lambda d: d == S)
+        gates = self.gate_persisting()
+        self.successResultOf(self.handler.create_device(ALICE, "PHONE"))
+        # the request went out before the in-flight transaction committed
+        self.assertEqual(len(self.client.calls), 1)
+        self.assertEqual(len(gates), 1)
+        # its answer waits for the commit: nothing acknowledged yet
+        self.assertEqual(len(self.successResultOf(self.store.get_pending(S, 10))), 1)
+        gates[0].callback(None)
+        self.assertEqual(self.successResultOf(self.store.get_pending(S, 10)), [])
+        self.assertIsNone(self.successResultOf(self.store.get_inflight_txn(S)))
+
+    def test_a_failure_answered_before_the_commit_resends_the_persisted_one(self) -> None:
+        self.sender(owns_destination=lambda d: d == S)
+        gates = self.gate_persisting()
+        self.client.errors = [RequestSendFailed("refused", True)]
+        self.successResultOf(self.handler.create_device(ALICE, "PHONE"))
+        gates[0].callback(None)
+        inflight = self.successResultOf(self.store.get_inflight_txn(S))
+        assert inflight is not None
+        self.clock.advance(backoff_delays(1)[0])
+        self.assertEqual(len(self.client.calls), 2)
+        self.assertEqual(self.client.calls[1][1], SEND_PREFIX + inflight.txn_id)
+        self.assertEqual(self.successResultOf(self.store.get_pending(S, 10)), [])
+
+    def test_a_failed_commit_loses_nothing(self) -> None:
+        self.sender(owns_destination=lambda d: d == S)
+        gates = self.gate_persisting()
+        self.client.errors = [RequestSendFailed("refused", True)]
+        self.successResultOf(self.handler.create_device(ALICE, "PHONE"))
+        gates[0].errback(RuntimeError("disk full"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertIsNone(self.successResultOf(self.store.get_inflight_txn(S)))
+        # the retry builds a new transaction from the rows still pending
+        self.clock.advance(backoff_delays(1)[0])
+        gates[1].callback(None)
+        self.assertEqual(len(self.client.calls), 2)
+        self.assertNotEqual(self.client.calls[0][1], self.client.calls[1][1])
+        self.assertEqual([e["device_id"] for e in self.edus_to(S)], ["PHONE", "PHONE"])
+        self.assertEqual(self.successResultOf(self.store.get_pending(S, 10)), [])
+
     def test_restart_reads_the_in_flight_transaction_again(self) -> None:
         sender = self.sender(owns_destination=lambda d: d == S)
         self.successResultOf(self.handler.create_device(ALICE, "PHONE"))
