@@ -133,6 +133,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+StreamIdT = TypeVar("StreamIdT", int, Optional[int])
 
 #: Answers for fewer devices are encoded on the calling thread, not by the
 #: ``cpu_runner``.
@@ -452,10 +453,11 @@ class LocalDeviceHandler:
         self,
         user_id: str,
         device_id: str,
-        write: Callable[[int, frozenset[str]], "Deferred[int]"],
-    ) -> int:
+        write: Callable[[int, frozenset[str]], "Deferred[StreamIdT]"],
+    ) -> StreamIdT:
         """Check the ids, write the change with every destination's pending
-        row in one transaction, then tell the listeners."""
+        row in one transaction, then tell the listeners (unless the write
+        changed nothing: ``None``)."""
         self.check_local_user(user_id)
         _check_device_id(device_id)
         destinations = await self._destinations(user_id)
@@ -467,9 +469,11 @@ class LocalDeviceHandler:
             ) from None
         except UnknownDeviceError as e:
             raise _unknown_device(e) from None
-        await self._committed(
-            user_id, destinations, lambda: self._notify(user_id, stream_id, (device_id,))
-        )
+        if stream_id is not None:
+            changed: int = stream_id
+            await self._committed(
+                user_id, destinations, lambda: self._notify(user_id, changed, (device_id,))
+            )
         return stream_id
 
     def rename_device(
@@ -543,15 +547,13 @@ class LocalDeviceHandler:
     async def _store_device_keys(
         self, user_id: str, device_id: str, raw: JsonDict
     ) -> Optional[int]:
-        device = await self._store.get_device(user_id, device_id)
-        if device is None:
-            raise _unknown_device(UnknownDeviceError(user_id, device_id))
-        if device.keys_json == raw:
-            return None
+        # the device and its stored keys are checked in the write itself
         return await self._change_device(
             user_id,
             device_id,
-            lambda now, dests: self._store.set_device_keys(user_id, device_id, raw, now, dests),
+            lambda now, dests: self._store.set_device_keys_if_changed(
+                user_id, device_id, raw, now, dests
+            ),
         )
 
     def upload_one_time_keys(

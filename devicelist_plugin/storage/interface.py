@@ -109,6 +109,18 @@ class IDeviceListStore(Protocol):
         Fails with ``UnknownDeviceError``.
         """
 
+    def set_device_keys_if_changed(
+        self,
+        user_id: str,
+        device_id: str,
+        keys_json: JsonDict,
+        now_ms: int,
+        destinations: Collection[str],
+    ) -> "Deferred[Optional[int]]":
+        """As :meth:`set_device_keys`, but ``None`` (nothing written, no
+        stream id taken) when the device has these keys already: the check
+        and the write in one transaction."""
+
     def update_device_last_seen(
         self, user_id: str, device_id: str, now_ms: int
     ) -> "Deferred[bool]":

@@ -293,20 +293,59 @@ class Store:
         text = dumps(keys_json)
 
         def txn(t: Txn) -> int:
-            stream_id = self._allocate_stream_id(t, user_id)
-            if not self._device_exists(t, user_id, device_id):
-                raise UnknownDeviceError(user_id, device_id)
-            t.execute(
-                "INSERT INTO local_device_keys (user_id, device_id, keys_json, updated_ts)"
-                " VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (user_id, device_id) DO UPDATE SET"
-                " keys_json = excluded.keys_json, updated_ts = excluded.updated_ts",
-                (user_id, device_id, text, now_ms),
-            )
-            self._log_change(t, user_id, stream_id, device_id, KIND_DEVICE, now_ms, destinations)
-            return stream_id
+            return self._set_device_keys(t, user_id, device_id, text, now_ms, destinations)
 
         return self.database.run("set_device_keys", txn)
+
+    def set_device_keys_if_changed(
+        self,
+        user_id: str,
+        device_id: str,
+        keys_json: JsonDict,
+        now_ms: int,
+        destinations: Collection[str],
+    ) -> "Deferred[Optional[int]]":
+        text = dumps(keys_json)
+
+        def txn(t: Txn) -> Optional[int]:
+            # checked before the user's position row is locked: an upload
+            # racing this one is ordered after it, as if this came first
+            stored = t.query_one(
+                "SELECT d.device_id, k.keys_json FROM local_devices d"
+                " LEFT JOIN local_device_keys k"
+                " ON k.user_id = d.user_id AND k.device_id = d.device_id"
+                " WHERE d.user_id = ? AND d.device_id = ?",
+                (user_id, device_id),
+            )
+            if stored is None:
+                raise UnknownDeviceError(user_id, device_id)
+            if stored[1] == text:
+                return None
+            return self._set_device_keys(t, user_id, device_id, text, now_ms, destinations)
+
+        return self.database.run("set_device_keys", txn)
+
+    def _set_device_keys(
+        self,
+        t: Txn,
+        user_id: str,
+        device_id: str,
+        text: str,
+        now_ms: int,
+        destinations: Collection[str],
+    ) -> int:
+        stream_id = self._allocate_stream_id(t, user_id)
+        if not self._device_exists(t, user_id, device_id):
+            raise UnknownDeviceError(user_id, device_id)
+        t.execute(
+            "INSERT INTO local_device_keys (user_id, device_id, keys_json, updated_ts)"
+            " VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (user_id, device_id) DO UPDATE SET"
+            " keys_json = excluded.keys_json, updated_ts = excluded.updated_ts",
+            (user_id, device_id, text, now_ms),
+        )
+        self._log_change(t, user_id, stream_id, device_id, KIND_DEVICE, now_ms, destinations)
+        return stream_id
 
     def update_device_last_seen(
         self, user_id: str, device_id: str, now_ms: int
