@@ -967,20 +967,38 @@ class LocalDeviceHandler:
         self.check_local_user(user_id)
         wanted = sorted(set(device_ids))
         with_keys = (await self._store.get_local_user_keys({user_id: wanted}))[user_id]
+        keyed = {d.device_id for d in with_keys.devices}
+        names: dict[str, Optional[str]] = {}
+        for device_id in wanted:
+            if device_id not in keyed:
+                device = await self._store.get_device(user_id, device_id)
+                if device is not None:
+                    names[device_id] = device.display_name
+        return self.federation_device_states_of(with_keys, names, wanted)
+
+    def federation_device_states_of(
+        self,
+        with_keys: LocalUserKeys,
+        names: Mapping[str, Optional[str]],
+        device_ids: Collection[str],
+    ) -> dict[str, JsonDict]:
+        """:meth:`federation_device_states` from what was read already: the
+        user's keys (as :meth:`IDeviceListStore.get_local_user_keys` reads
+        them, for these devices) and the display names of the devices
+        without keys that still exist (``names``)."""
         by_target = signatures_by_target(with_keys.signatures)
         keyed = {d.device_id: d for d in with_keys.devices}
         states: dict[str, JsonDict] = {}
-        for device_id in wanted:
+        for device_id in sorted(set(device_ids)):
             state: JsonDict = {}
             keyed_device = keyed.get(device_id)
             if keyed_device is not None:
                 state["keys"] = device_keys_json(keyed_device, by_target.get(device_id, ()))
                 display_name = keyed_device.display_name
+            elif device_id in names:
+                display_name = names[device_id]
             else:
-                device = await self._store.get_device(user_id, device_id)
-                if device is None:
-                    continue
-                display_name = device.display_name
+                continue
             if self.allow_device_name_lookup_over_federation and display_name is not None:
                 state["device_display_name"] = display_name
             states[device_id] = state

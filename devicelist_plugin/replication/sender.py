@@ -189,7 +189,12 @@ from devicelist_plugin.local.serving import cross_signing_key_json
 from devicelist_plugin.membership import MembershipSource
 from devicelist_plugin.replication.retry import DestinationRetryTracker
 from devicelist_plugin.storage.interface import IDeviceListStore
-from devicelist_plugin.storage.types import InflightTransaction, PendingRow
+from devicelist_plugin.storage.types import (
+    InflightTransaction,
+    LocalUserKeys,
+    PendingBatch,
+    PendingRow,
+)
 
 __all__ = [
     "SEND_PATH_PREFIX",
@@ -221,9 +226,12 @@ class TransactionClient(Protocol):
 class LocalDeviceSource(Protocol):
     """What the sender needs of :class:`~devicelist_plugin.local.handler.LocalDeviceHandler`."""
 
-    def federation_device_states(
-        self, user_id: str, device_ids: Collection[str]
-    ) -> "Deferred[dict[str, JsonDict]]": ...
+    def federation_device_states_of(
+        self,
+        with_keys: LocalUserKeys,
+        names: Mapping[str, Optional[str]],
+        device_ids: Collection[str],
+    ) -> dict[str, JsonDict]: ...
 
     def add_change_listener(self, listener: ChangeListener) -> None: ...
 
@@ -685,10 +693,11 @@ class DeviceListSender(Service):
 
     async def _build(self, destination: str) -> Optional[_Transaction]:
         limit = self._limits.get(destination, self._edu_limit)
-        batch = await self._store.get_outbound_batch(destination, limit)
+        # the rows and the state of their devices in one read
+        batch = await self._store.get_outbound_batch(destination, limit, with_devices=True)
         if batch.resets:
             await self._store.prepare_chain_resets(destination, self._now_ms())
-            batch = await self._store.get_outbound_batch(destination, limit)
+            batch = await self._store.get_outbound_batch(destination, limit, with_devices=True)
         if not batch.rows:
             return None
         device_rows = [r for r in batch.rows if r.device_id is not None]
@@ -701,7 +710,7 @@ class DeviceListSender(Service):
         # the highest stream id of each restarted user's EDUs in this batch
         restarted: dict[str, int] = {}
 
-        changes = await self._pending_changes(device_rows)
+        changes = self._pending_changes(device_rows, batch)
         if changes:
             built = build_device_list_edus(changes, batch.unreferenced, limit=len(changes))
             for update in built.edus:
@@ -779,7 +788,9 @@ class DeviceListSender(Service):
             destination=destination,
         )
 
-    async def _pending_changes(self, rows: Sequence[PendingRow]) -> list[PendingChange]:
+    def _pending_changes(
+        self, rows: Sequence[PendingRow], batch: PendingBatch
+    ) -> list[PendingChange]:
         by_user: dict[str, list[PendingRow]] = {}
         for row in rows:
             by_user.setdefault(row.user_id, []).append(row)
@@ -787,7 +798,9 @@ class DeviceListSender(Service):
         for user_id in sorted(by_user):
             user_rows = by_user[user_id]
             device_ids = sorted({r.device_id for r in user_rows if r.device_id is not None})
-            states = await self._local.federation_device_states(user_id, device_ids)
+            states = self._local.federation_device_states_of(
+                batch.device_keys[user_id], batch.device_names.get(user_id, {}), device_ids
+            )
             for row in user_rows:
                 assert row.device_id is not None
                 state = states.get(row.device_id)

@@ -352,10 +352,13 @@ class IDeviceListStore(Protocol):
 
     # -- outbound: the sender's reads, chain resets, dead destinations ---------
 
-    def get_outbound_batch(self, destination: str, limit: int) -> "Deferred[PendingBatch]":
+    def get_outbound_batch(
+        self, destination: str, limit: int, *, with_devices: bool = False
+    ) -> "Deferred[PendingBatch]":
         """The destination's next pending updates (as :meth:`get_pending`),
         the unreferenced ids of their users and the destination's chain
-        resets, read in one transaction."""
+        resets, read in one transaction; ``with_devices``: also the keys
+        and names of the devices of those updates (what their EDUs carry)."""
 
     def destinations_pending_for_user(self, user_id: str) -> "Deferred[list[str]]":
         """The destinations with pending updates of the user, sorted."""

@@ -1118,7 +1118,9 @@ class Store:
     # (devicelist_plugin/replication/sender.py)
     # ------------------------------------------------------------------
 
-    def get_outbound_batch(self, destination: str, limit: int) -> "Deferred[PendingBatch]":
+    def get_outbound_batch(
+        self, destination: str, limit: int, *, with_devices: bool = False
+    ) -> "Deferred[PendingBatch]":
         if limit < 1:
             return fail(ValueError("limit must be at least 1"))
 
@@ -1148,7 +1150,26 @@ class Store:
                     (destination,),
                 )
             }
-            return PendingBatch(tuple(rows), unreferenced, resets)
+            if not with_devices:
+                return PendingBatch(tuple(rows), unreferenced, resets)
+            wanted: dict[str, set[str]] = {}
+            for row in rows:
+                if row.device_id is not None:
+                    wanted.setdefault(row.user_id, set()).add(row.device_id)
+            names: dict[str, dict[str, Optional[str]]] = {}
+            for user_id, device_ids in sorted(wanted.items()):
+                names[user_id] = {}
+                for chunk in _chunks(sorted(device_ids)):
+                    for device_id, name in t.query(
+                        "SELECT device_id, display_name FROM local_devices"
+                        f" WHERE user_id = ? AND device_id IN ({_marks(len(chunk))})",
+                        [user_id, *chunk],
+                    ):
+                        names[user_id][device_id] = name
+            device_keys = self._read_user_keys(
+                t, {u: tuple(ids) for u, ids in wanted.items()}, {}, None
+            )
+            return PendingBatch(tuple(rows), unreferenced, resets, device_keys, names)
 
         return self.database.run("get_outbound_batch", txn, readonly=True)
 

@@ -300,9 +300,11 @@ class ImmediateSendTests(FakeClientCase):
         for name in names:
             original = getattr(self.store, name)
 
-            def counting(*args: Any, _name: str = name, _original: Any = original) -> Any:
+            def counting(
+                *args: Any, _name: str = name, _original: Any = original, **kwargs: Any
+            ) -> Any:
                 counts[_name] += 1
-                return _original(*args)
+                return _original(*args, **kwargs)
 
             self.patch(self.store, name, counting)
         return counts
@@ -317,15 +319,24 @@ class ImmediateSendTests(FakeClientCase):
 
     def test_a_change_wakes_its_destinations_without_reading_them(self) -> None:
         self.sender()
-        reads = self.count_reads("destinations_pending_for_user", "get_inflight_txn")
+        names = ("destinations_pending_for_user", "get_inflight_txn", "get_outbound_batch",
+                 "get_local_user_keys", "get_device")
+        reads = self.count_reads(*names)
         self.successResultOf(self.handler.create_device(ALICE, "PHONE"))
-        # the first transaction to each destination reads its in-flight one
-        self.assertEqual(reads, {"destinations_pending_for_user": 0, "get_inflight_txn": 2})
+        # the first transaction to each destination reads its in-flight one;
+        # each reads its rows with their devices' state at once (and once
+        # more after the answer: nothing left)
+        self.assertEqual(list(reads.values()), [0, 2, 4, 0, 0])
         self.successResultOf(self.handler.rename_device(ALICE, "PHONE", "mine"))
         # acknowledged by this sender: known to have none
-        self.assertEqual(reads, {"destinations_pending_for_user": 0, "get_inflight_txn": 2})
+        self.assertEqual(list(reads.values()), [0, 2, 8, 0, 0])
         self.assertEqual(len(self.client.calls), 4)
         self.assertEqual(self.successResultOf(self.store.destinations_to_send()), [])
+        self.successResultOf(self.handler.delete_device(ALICE, "PHONE"))
+        self.assertEqual(
+            [(e.get("device_display_name"), e.get("deleted")) for e in self.edus_to(S)],
+            [(None, None), (None, None), (None, True)],
+        )
 
     def test_a_failed_transaction_is_sent_again_unchanged(self) -> None:
         self.sender(owns_destination=lambda d: d == S)
