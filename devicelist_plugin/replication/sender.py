@@ -651,6 +651,9 @@ class DeviceListSender(Service):
                 await self._failed(destination, None, "could not build a transaction")
                 return
             if self._stopped:
+                if txn is not None and txn.persisted is not None:
+                    # the loop ends (and stop() fires) only after its commit
+                    await txn.persisted
                 return
             if txn is None:
                 if destination in self._again:

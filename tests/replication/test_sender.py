@@ -406,6 +406,25 @@ class ImmediateSendTests(FakeClientCase):
         self.assertEqual([e["device_id"] for e in self.edus_to(S)], ["PHONE", "PHONE"])
         self.assertEqual(self.successResultOf(self.store.get_pending(S, 10)), [])
 
+    def test_stop_waits_for_the_commit_of_a_transaction_it_did_not_send(self) -> None:
+        sender = self.sender(owns_destination=lambda d: d == S)
+        gates = self.gate_persisting()
+        original = self.store.get_outbound_batch
+
+        def stops_meanwhile(*args: Any, **kwargs: Any) -> Any:
+            # the sender is stopped while it builds the transaction
+            stopped.append(sender.stop())
+            return original(*args, **kwargs)
+
+        stopped: "list[Deferred[None]]" = []
+        self.patch(self.store, "get_outbound_batch", stops_meanwhile)
+        self.successResultOf(self.handler.create_device(ALICE, "PHONE"))
+        self.assertEqual(self.client.calls, [])
+        self.assertNoResult(stopped[0])
+        gates[0].callback(None)
+        self.successResultOf(stopped[0])
+        self.assertIsNotNone(self.successResultOf(self.store.get_inflight_txn(S)))
+
     def test_restart_reads_the_in_flight_transaction_again(self) -> None:
         sender = self.sender(owns_destination=lambda d: d == S)
         self.successResultOf(self.handler.create_device(ALICE, "PHONE"))
