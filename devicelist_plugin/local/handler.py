@@ -13,7 +13,10 @@ transaction, queues the change for every server that shares a room with the
 user, as the :class:`~devicelist_plugin.membership.MembershipSource` says at
 that moment.  After the commit each change listener is called with
 ``(user_id, stream_id, device_ids)``: the device ids the change concerns, or
-``()`` for a change of the cross-signing keys.  Under concurrency listeners
+``()`` for a change of the cross-signing keys; it is called before anything
+else is done after the commit (the sender sends from it), and called again
+for the same change when servers that came to share a room with the user
+meanwhile have had the current devices queued.  Under concurrency listeners
 may see one user's changes out of stream order; they should read what is
 pending from the store rather than trust the order of calls.  A listener
 that raises, or returns a Deferred that fails, is logged and never fails the
@@ -132,6 +135,7 @@ __all__ = [
     "DEFAULT_ANSWER_CACHE_BYTES",
     "INLINE_ENCODE_MAX_DEVICES",
     "ChangeListener",
+    "QueuedListener",
     "CpuRunner",
     "LocalDeviceHandler",
     "run_inline",
@@ -140,6 +144,7 @@ __all__ = [
 
 T = TypeVar("T")
 A = TypeVar("A")
+StreamIdT = TypeVar("StreamIdT", int, Optional[int])
 
 #: Answers for fewer devices are encoded on the calling thread, not by the
 #: ``cpu_runner``.
@@ -189,6 +194,10 @@ def _encoded_size(answer: EncodedUserKeys) -> int:
 
 #: ``listener(user_id, stream_id, device_ids)``, called after each committed change.
 ChangeListener = Callable[[str, int, tuple[str, ...]], object]
+
+#: ``listener(user_id, destinations)``, called after each committed change
+#: with the servers it was queued for (before the change listeners).
+QueuedListener = Callable[[str, frozenset[str]], object]
 
 
 class CpuRunner(Protocol):
@@ -299,6 +308,7 @@ class LocalDeviceHandler:
         self._membership = membership
         self._clock = clock
         self._listeners: list[ChangeListener] = []
+        self._queued_listeners: list[QueuedListener] = []
         self._answers: _AnswerCache[bytes] = _AnswerCache(answer_cache_bytes, len)
         self._key_answers: _AnswerCache[EncodedUserKeys] = _AnswerCache(
             answer_cache_bytes, _encoded_size
@@ -315,6 +325,16 @@ class LocalDeviceHandler:
     def remove_change_listener(self, listener: ChangeListener) -> None:
         """Stop calling ``listener``."""
         self._listeners.remove(listener)
+
+    def add_queued_listener(self, listener: QueuedListener) -> None:
+        """Call ``listener(user_id, destinations)`` after every committed
+        change, first, with the servers it was queued for: the sender wakes
+        exactly those without reading the store."""
+        self._queued_listeners.append(listener)
+
+    def remove_queued_listener(self, listener: QueuedListener) -> None:
+        """Stop calling ``listener``."""
+        self._queued_listeners.remove(listener)
 
     def is_local_user(self, user_id: str) -> bool:
         """Whether ``user_id`` is a well-formed user id of this server."""
@@ -349,32 +369,64 @@ class LocalDeviceHandler:
         servers = await self._membership.servers_sharing_room(user_id)
         return frozenset(servers) - {self.server_name}
 
-    async def _cover_new_destinations(self, user_id: str, used: frozenset[str]) -> None:
-        """After a change committed for the destinations in ``used``: a server
-        that came to share a room meanwhile may have been sent the devices as
-        they were before the change, so queue the current ones for it too."""
-        for destination in sorted(await self._destinations(user_id) - used):
+    async def _committed(
+        self,
+        user_id: str,
+        used: frozenset[str],
+        notify: Callable[[], None],
+    ) -> None:
+        """After a change committed for the destinations in ``used``: tell
+        the listeners at once (the sender is waiting for it: nothing else
+        stands between the commit and the EDU), then cover the servers that
+        came to share a room meanwhile.  They may have been sent the devices
+        as they were before the change, so the current ones are queued for
+        them too, and the listeners told again to send those."""
+        self._notify_queued(user_id, used)
+        notify()
+        new = frozenset(await self._destinations(user_id) - used)
+        for destination in sorted(new):
             await self._store.enqueue_current_devices(destination, user_id, self._now_ms())
+        if new:
+            self._notify_queued(user_id, new)
+            notify()
+
+    def _notify_queued(self, user_id: str, destinations: frozenset[str]) -> None:
+        if destinations:
+            for queued in list(self._queued_listeners):
+                self._call_listener(queued, (user_id, destinations), user_id, None)
 
     def _notify(self, user_id: str, stream_id: int, device_ids: tuple[str, ...]) -> None:
         for listener in list(self._listeners):
-            try:
-                result = listener(user_id, stream_id, device_ids)
-            except Exception:
-                self.log.failure(
-                    "Change listener {listener!r} failed for {user_id} at {stream_id}",
-                    listener=listener,
-                    user_id=user_id,
-                    stream_id=stream_id,
-                )
-                continue
-            if inspect.iscoroutine(result):
-                result = Deferred.fromCoroutine(result)
-            if isinstance(result, Deferred):
-                result.addErrback(self._listener_failed, listener, user_id, stream_id)
+            self._call_listener(listener, (user_id, stream_id, device_ids), user_id, stream_id)
+
+    def _call_listener(
+        self,
+        listener: Callable[..., object],
+        args: tuple[Any, ...],
+        user_id: str,
+        stream_id: Optional[int],
+    ) -> None:
+        try:
+            result = listener(*args)
+        except Exception:
+            self.log.failure(
+                "Change listener {listener!r} failed for {user_id} at {stream_id}",
+                listener=listener,
+                user_id=user_id,
+                stream_id=stream_id,
+            )
+            return
+        if inspect.iscoroutine(result):
+            result = Deferred.fromCoroutine(result)
+        if isinstance(result, Deferred):
+            result.addErrback(self._listener_failed, listener, user_id, stream_id)
 
     def _listener_failed(
-        self, failure: Failure, listener: ChangeListener, user_id: str, stream_id: int
+        self,
+        failure: Failure,
+        listener: Callable[..., object],
+        user_id: str,
+        stream_id: Optional[int],
     ) -> None:
         self.log.failure(
             "Change listener {listener!r} failed for {user_id} at {stream_id}",
@@ -420,10 +472,11 @@ class LocalDeviceHandler:
         self,
         user_id: str,
         device_id: str,
-        write: Callable[[int, frozenset[str]], "Deferred[int]"],
-    ) -> int:
+        write: Callable[[int, frozenset[str]], "Deferred[StreamIdT]"],
+    ) -> StreamIdT:
         """Check the ids, write the change with every destination's pending
-        row in one transaction, then tell the listeners."""
+        row in one transaction, then tell the listeners (unless the write
+        changed nothing: ``None``)."""
         self.check_local_user(user_id)
         _check_device_id(device_id)
         destinations = await self._destinations(user_id)
@@ -435,8 +488,11 @@ class LocalDeviceHandler:
             ) from None
         except UnknownDeviceError as e:
             raise _unknown_device(e) from None
-        await self._cover_new_destinations(user_id, destinations)
-        self._notify(user_id, stream_id, (device_id,))
+        if stream_id is not None:
+            changed: int = stream_id
+            await self._committed(
+                user_id, destinations, lambda: self._notify(user_id, changed, (device_id,))
+            )
         return stream_id
 
     def rename_device(
@@ -510,15 +566,13 @@ class LocalDeviceHandler:
     async def _store_device_keys(
         self, user_id: str, device_id: str, raw: JsonDict
     ) -> Optional[int]:
-        device = await self._store.get_device(user_id, device_id)
-        if device is None:
-            raise _unknown_device(UnknownDeviceError(user_id, device_id))
-        if device.keys_json == raw:
-            return None
+        # the device and its stored keys are checked in the write itself
         return await self._change_device(
             user_id,
             device_id,
-            lambda now, dests: self._store.set_device_keys(user_id, device_id, raw, now, dests),
+            lambda now, dests: self._store.set_device_keys_if_changed(
+                user_id, device_id, raw, now, dests
+            ),
         )
 
     def upload_one_time_keys(
@@ -626,11 +680,17 @@ class LocalDeviceHandler:
         except UploadError as e:
             raise _upload_error(e) from None
         # One-time keys first: their conflicts are the only refusal left,
-        # and they are checked atomically by the store.
-        await self._add_one_time_keys(user_id, device_id, one_time_keys)
+        # and they are checked atomically by the store.  Each part checks
+        # that the device exists; a part that is absent costs nothing (an
+        # upload of device keys alone is on the way to other servers).
+        if one_time_keys:
+            await self._add_one_time_keys(user_id, device_id, one_time_keys)
         await self._set_fallback_keys(user_id, device_id, fallback_keys)
         if device_keys is not None:
             await self._store_device_keys(user_id, device_id, device_keys.raw)
+        elif not one_time_keys and not fallback_keys:
+            if await self._store.get_device(user_id, device_id) is None:
+                raise _unknown_device(UnknownDeviceError(user_id, device_id))
         counts = await self._store.count_one_time_keys(user_id, device_id)
         return {"one_time_key_counts": counts}
 
@@ -672,8 +732,9 @@ class LocalDeviceHandler:
         stream_id = await self._store.set_cross_signing_keys(
             user_id, changed, self._now_ms(), destinations
         )
-        await self._cover_new_destinations(user_id, destinations)
-        self._notify(user_id, stream_id, ())
+        await self._committed(
+            user_id, destinations, lambda: self._notify(user_id, stream_id, ())
+        )
         return stream_id
 
     def upload_signatures(self, user_id: str, body: object) -> "Deferred[JsonDict]":
@@ -739,8 +800,9 @@ class LocalDeviceHandler:
                 self._now_ms(),
                 destinations,
             )
-            await self._cover_new_destinations(user_id, destinations)
-            self._notify_changes(user_id, changes)
+            await self._committed(
+                user_id, destinations, lambda: self._notify_changes(user_id, changes)
+            )
         return {"failures": result.failures}
 
     # ------------------------------------------------------------------
@@ -968,20 +1030,38 @@ class LocalDeviceHandler:
         self.check_local_user(user_id)
         wanted = sorted(set(device_ids))
         with_keys = (await self._store.get_local_user_keys({user_id: wanted}))[user_id]
+        keyed = {d.device_id for d in with_keys.devices}
+        names: dict[str, Optional[str]] = {}
+        for device_id in wanted:
+            if device_id not in keyed:
+                device = await self._store.get_device(user_id, device_id)
+                if device is not None:
+                    names[device_id] = device.display_name
+        return self.federation_device_states_of(with_keys, names, wanted)
+
+    def federation_device_states_of(
+        self,
+        with_keys: LocalUserKeys,
+        names: Mapping[str, Optional[str]],
+        device_ids: Collection[str],
+    ) -> dict[str, JsonDict]:
+        """:meth:`federation_device_states` from what was read already: the
+        user's keys (as :meth:`IDeviceListStore.get_local_user_keys` reads
+        them, for these devices) and the display names of the devices
+        without keys that still exist (``names``)."""
         by_target = signatures_by_target(with_keys.signatures)
         keyed = {d.device_id: d for d in with_keys.devices}
         states: dict[str, JsonDict] = {}
-        for device_id in wanted:
+        for device_id in sorted(set(device_ids)):
             state: JsonDict = {}
             keyed_device = keyed.get(device_id)
             if keyed_device is not None:
                 state["keys"] = device_keys_json(keyed_device, by_target.get(device_id, ()))
                 display_name = keyed_device.display_name
+            elif device_id in names:
+                display_name = names[device_id]
             else:
-                device = await self._store.get_device(user_id, device_id)
-                if device is None:
-                    continue
-                display_name = device.display_name
+                continue
             if self.allow_device_name_lookup_over_federation and display_name is not None:
                 state["device_display_name"] = display_name
             states[device_id] = state

@@ -21,15 +21,23 @@ transactions, one queue per destination:
 * ``prev_id``: the first EDU of a user names every id the destination
   acknowledged and nothing referenced yet (``[]`` when none: the receiver
   resyncs), each next one the previous EDU's ``stream_id``;
-* the transaction (txnId, body, and what to acknowledge) is persisted before
-  it is sent (``begin_outbound_transaction``) and re-sent unchanged, same
-  txnId, until the destination answers 200; the 200 is recorded with
-  ``ack_sent`` in one database transaction (covered pending rows deleted,
-  unreferenced ids stored, in-flight transaction cleared).
+* the transaction (txnId, body, and what to acknowledge) is persisted
+  (``begin_outbound_transaction``) while it is first sent -- the commit and
+  the request overlap, and the answer is acted on only once the commit is
+  done -- and re-sent unchanged, same txnId, until the destination answers
+  200; the 200 is recorded with ``ack_sent`` in one database transaction
+  (covered pending rows deleted, unreferenced ids stored, in-flight
+  transaction cleared).  Sending before the commit loses nothing: the
+  pending rows were committed with the change and stay until acknowledged,
+  so after a crash in between the same EDUs go out again in a new
+  transaction (receivers ignore stream ids they have), and a chain reset it
+  would have consumed is applied once more (one more resync at worst).
 
 When it sends.  Device-list EDUs never wait for other traffic (Synapse #3781):
-a committed change (the handler's change listener) wakes the queues of the
-destinations that have pending rows of the user; a destination newly sharing
+a committed change wakes, at once and without reading the store, the queues
+of the destinations it was queued for (the handler's queued listener; an
+idle destination is sent to immediately, a busy one's next transaction takes
+every row queued meanwhile); a destination newly sharing
 a room with a user (the membership listener) is woken once that user's
 current devices are queued (Synapse #11374); on start-up every destination
 with pending rows, an in-flight transaction or a chain reset is scheduled
@@ -137,7 +145,7 @@ from __future__ import annotations
 
 import enum
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import (
     Any,
     Awaitable,
@@ -176,12 +184,17 @@ from devicelist_plugin.federation.client import (
     RequestSendFailed,
 )
 from devicelist_plugin.federation.errors import M_UNRECOGNIZED
-from devicelist_plugin.local.handler import ChangeListener
+from devicelist_plugin.local.handler import ChangeListener, QueuedListener
 from devicelist_plugin.local.serving import cross_signing_key_json
 from devicelist_plugin.membership import MembershipSource
 from devicelist_plugin.replication.retry import DestinationRetryTracker
 from devicelist_plugin.storage.interface import IDeviceListStore
-from devicelist_plugin.storage.types import InflightTransaction, PendingRow
+from devicelist_plugin.storage.types import (
+    InflightTransaction,
+    LocalUserKeys,
+    PendingBatch,
+    PendingRow,
+)
 
 __all__ = [
     "SEND_PATH_PREFIX",
@@ -213,13 +226,20 @@ class TransactionClient(Protocol):
 class LocalDeviceSource(Protocol):
     """What the sender needs of :class:`~devicelist_plugin.local.handler.LocalDeviceHandler`."""
 
-    def federation_device_states(
-        self, user_id: str, device_ids: Collection[str]
-    ) -> "Deferred[dict[str, JsonDict]]": ...
+    def federation_device_states_of(
+        self,
+        with_keys: LocalUserKeys,
+        names: Mapping[str, Optional[str]],
+        device_ids: Collection[str],
+    ) -> dict[str, JsonDict]: ...
 
     def add_change_listener(self, listener: ChangeListener) -> None: ...
 
     def remove_change_listener(self, listener: ChangeListener) -> None: ...
+
+    def add_queued_listener(self, listener: QueuedListener) -> None: ...
+
+    def remove_queued_listener(self, listener: QueuedListener) -> None: ...
 
 
 class ErrorAction(enum.Enum):
@@ -265,6 +285,9 @@ class _Transaction:
     # the users whose chain reset it consumed when it was persisted (they
     # come back if it is abandoned)
     restarted: tuple[str, ...] = ()
+    # the commit persisting a new transaction (None: read back from the
+    # store); it never fails (a failure is logged)
+    persisted: "Optional[Deferred[None]]" = field(default=None, compare=False)
 
     def payload(self) -> JsonDict:
         return {
@@ -311,7 +334,7 @@ class DeviceListSender(Service):
     :param client: sends the signed ``PUT /send`` requests.
     :param clock: time of transactions and retries (``callLater``).
     :param tracker: the per-destination backoff shared with the inbound side.
-    :param local: the device states EDUs carry, and the change listener.
+    :param local: the device states EDUs carry, and the queued listener.
     :param membership: heard for servers newly sharing a room with a user.
     :param edu_limit: EDUs per transaction (at most 100).
     :param compact_dead_destinations: apply the long-dead destination policy
@@ -388,6 +411,9 @@ class DeviceListSender(Service):
         self._not_before: dict[str, float] = {}
         # EDUs per transaction, reduced by 400/413
         self._limits: dict[str, int] = {}
+        # destinations known (from this sender's own reads and writes) to have
+        # no in-flight transaction: the next one is built without reading it
+        self._no_inflight: set[str] = set()
         self._tasks: set[object] = set()
         self._idle_waiters: list[Deferred[None]] = []
 
@@ -419,7 +445,8 @@ class DeviceListSender(Service):
             return succeed(None)
         self._started = True
         self._stopped = False
-        self._local.add_change_listener(self.on_local_change)
+        self._no_inflight.clear()
+        self._local.add_queued_listener(self.on_queued)
         if not self._registered:
             # neither offers a way to unregister: calls after stop() are ignored
             self._registered = True
@@ -441,7 +468,7 @@ class DeviceListSender(Service):
         if self._started:
             self._started = False
             self._stopped = True
-            self._local.remove_change_listener(self.on_local_change)
+            self._local.remove_queued_listener(self.on_queued)
             if self._poller is not None:
                 if self._poller.running:
                     self._poller.stop()
@@ -485,10 +512,17 @@ class DeviceListSender(Service):
     # ------------------------------------------------------------------
     # what wakes a queue
 
+    def on_queued(self, user_id: str, destinations: frozenset[str]) -> None:
+        """The handler's queued listener: wake the queues a change was just
+        queued for, without reading the store (its change is committed)."""
+        for destination in sorted(destinations):
+            self.wake(destination)
+
     def on_local_change(
         self, user_id: str, stream_id: int, device_ids: tuple[str, ...]
     ) -> "Deferred[None]":
-        """The handler's change listener: wake the queues holding the user's rows."""
+        """A change listener for another writer's handler (sharing the
+        database): wake the queues holding the user's rows."""
         return self._spawn("wake after a change", self._wake_for_user(user_id))
 
     async def _wake_for_user(self, user_id: str) -> None:
@@ -617,6 +651,9 @@ class DeviceListSender(Service):
                 await self._failed(destination, None, "could not build a transaction")
                 return
             if self._stopped:
+                if txn is not None and txn.persisted is not None:
+                    # the loop ends (and stop() fires) only after its commit
+                    await txn.persisted
                 return
             if txn is None:
                 if destination in self._again:
@@ -627,8 +664,15 @@ class DeviceListSender(Service):
                 return
 
     async def _next_transaction(self, destination: str) -> Optional[_Transaction]:
-        inflight = await self._store.get_inflight_txn(destination)
-        if inflight is not None:
+        # Only this sender writes the destination's in-flight transaction
+        # (one sender per destination), so once it has seen or made the
+        # destination without one it need not read it again.
+        inflight = None
+        if destination not in self._no_inflight:
+            inflight = await self._store.get_inflight_txn(destination)
+        if inflight is None:
+            self._no_inflight.add(destination)
+        else:
             try:
                 return _Transaction.from_inflight(inflight)
             except ValueError as e:
@@ -641,6 +685,7 @@ class DeviceListSender(Service):
                     error=str(e),
                 )
                 await self._store.clear_inflight_txn(destination, inflight.txn_id)
+                self._no_inflight.add(destination)
         while True:
             txn = await self._build(destination)
             if txn is None or txn.edu_count > 0:
@@ -651,10 +696,11 @@ class DeviceListSender(Service):
 
     async def _build(self, destination: str) -> Optional[_Transaction]:
         limit = self._limits.get(destination, self._edu_limit)
-        batch = await self._store.get_outbound_batch(destination, limit)
+        # the rows and the state of their devices in one read
+        batch = await self._store.get_outbound_batch(destination, limit, with_devices=True)
         if batch.resets:
             await self._store.prepare_chain_resets(destination, self._now_ms())
-            batch = await self._store.get_outbound_batch(destination, limit)
+            batch = await self._store.get_outbound_batch(destination, limit, with_devices=True)
         if not batch.rows:
             return None
         device_rows = [r for r in batch.rows if r.device_id is not None]
@@ -667,7 +713,7 @@ class DeviceListSender(Service):
         # the highest stream id of each restarted user's EDUs in this batch
         restarted: dict[str, int] = {}
 
-        changes = await self._pending_changes(device_rows)
+        changes = self._pending_changes(device_rows, batch)
         if changes:
             built = build_device_list_edus(changes, batch.unreferenced, limit=len(changes))
             for update in built.edus:
@@ -727,13 +773,27 @@ class DeviceListSender(Service):
             )
         )
         txn = _Transaction(txn_id, body, tuple(sent), unreferenced_after, len(edus), consumed)
-        if txn.edu_count > 0:
-            await self._store.begin_outbound_transaction(
-                destination, txn_id, txn.payload(), consumed
-            )
-        return txn
+        if txn.edu_count == 0:
+            return txn
+        # not awaited: the request is made while this commits (module docstring)
+        self._no_inflight.discard(destination)
+        persisted = self._store.begin_outbound_transaction(
+            destination, txn_id, txn.payload(), consumed
+        )
+        persisted.addErrback(self._persist_failed, destination, txn_id)
+        return replace(txn, persisted=persisted)
 
-    async def _pending_changes(self, rows: Sequence[PendingRow]) -> list[PendingChange]:
+    def _persist_failed(self, failure: Failure, destination: str, txn_id: str) -> None:
+        self.log.failure(
+            "persisting transaction {txn_id} to {destination} failed; its rows stay pending",
+            failure,
+            txn_id=txn_id,
+            destination=destination,
+        )
+
+    def _pending_changes(
+        self, rows: Sequence[PendingRow], batch: PendingBatch
+    ) -> list[PendingChange]:
         by_user: dict[str, list[PendingRow]] = {}
         for row in rows:
             by_user.setdefault(row.user_id, []).append(row)
@@ -741,7 +801,9 @@ class DeviceListSender(Service):
         for user_id in sorted(by_user):
             user_rows = by_user[user_id]
             device_ids = sorted({r.device_id for r in user_rows if r.device_id is not None})
-            states = await self._local.federation_device_states(user_id, device_ids)
+            states = self._local.federation_device_states_of(
+                batch.device_keys[user_id], batch.device_names.get(user_id, {}), device_ids
+            )
             for row in user_rows:
                 assert row.device_id is not None
                 state = states.get(row.device_id)
@@ -816,6 +878,10 @@ class DeviceListSender(Service):
             error = e
         finally:
             self._requests.pop(destination, None)
+        if txn.persisted is not None:
+            # whatever the answer, act on it only once the transaction is
+            # persisted: an acknowledgement must clear it, a retry resend it
+            await txn.persisted
 
         if isinstance(error, CancelledError):
             if self._stopped:
@@ -840,6 +906,7 @@ class DeviceListSender(Service):
         await self._store.ack_sent(
             destination, txn.sent, txn.unreferenced_after, completed_txn_id=txn.txn_id
         )
+        self._no_inflight.add(destination)
         await self._tracker.record_success(destination)
         self.last_success[destination] = self._clock.seconds()
         self._not_before.pop(destination, None)
@@ -921,6 +988,7 @@ class DeviceListSender(Service):
         if txn.restarted:
             await self._store.add_chain_resets([(destination, u) for u in txn.restarted])
         await self._store.clear_inflight_txn(destination, txn.txn_id)
+        self._no_inflight.add(destination)
 
     async def _compact_if_dead(self, destination: str) -> None:
         if self.dead_destination_after is None:

@@ -109,6 +109,18 @@ class IDeviceListStore(Protocol):
         Fails with ``UnknownDeviceError``.
         """
 
+    def set_device_keys_if_changed(
+        self,
+        user_id: str,
+        device_id: str,
+        keys_json: JsonDict,
+        now_ms: int,
+        destinations: Collection[str],
+    ) -> "Deferred[Optional[int]]":
+        """As :meth:`set_device_keys`, but ``None`` (nothing written, no
+        stream id taken) when the device has these keys already: the check
+        and the write in one transaction."""
+
     def update_device_last_seen(
         self, user_id: str, device_id: str, now_ms: int
     ) -> "Deferred[bool]":
@@ -359,10 +371,13 @@ class IDeviceListStore(Protocol):
 
     # -- outbound: the sender's reads, chain resets, dead destinations ---------
 
-    def get_outbound_batch(self, destination: str, limit: int) -> "Deferred[PendingBatch]":
+    def get_outbound_batch(
+        self, destination: str, limit: int, *, with_devices: bool = False
+    ) -> "Deferred[PendingBatch]":
         """The destination's next pending updates (as :meth:`get_pending`),
         the unreferenced ids of their users and the destination's chain
-        resets, read in one transaction."""
+        resets, read in one transaction; ``with_devices``: also the keys
+        and names of the devices of those updates (what their EDUs carry)."""
 
     def destinations_pending_for_user(self, user_id: str) -> "Deferred[list[str]]":
         """The destinations with pending updates of the user, sorted."""

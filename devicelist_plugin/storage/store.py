@@ -295,20 +295,59 @@ class Store:
         text = dumps(keys_json)
 
         def txn(t: Txn) -> int:
-            stream_id = self._allocate_stream_id(t, user_id)
-            if not self._device_exists(t, user_id, device_id):
-                raise UnknownDeviceError(user_id, device_id)
-            t.execute(
-                "INSERT INTO local_device_keys (user_id, device_id, keys_json, updated_ts)"
-                " VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (user_id, device_id) DO UPDATE SET"
-                " keys_json = excluded.keys_json, updated_ts = excluded.updated_ts",
-                (user_id, device_id, text, now_ms),
-            )
-            self._log_change(t, user_id, stream_id, device_id, KIND_DEVICE, now_ms, destinations)
-            return stream_id
+            return self._set_device_keys(t, user_id, device_id, text, now_ms, destinations)
 
         return self.database.run("set_device_keys", txn)
+
+    def set_device_keys_if_changed(
+        self,
+        user_id: str,
+        device_id: str,
+        keys_json: JsonDict,
+        now_ms: int,
+        destinations: Collection[str],
+    ) -> "Deferred[Optional[int]]":
+        text = dumps(keys_json)
+
+        def txn(t: Txn) -> Optional[int]:
+            # checked before the user's position row is locked: an upload
+            # racing this one is ordered after it, as if this came first
+            stored = t.query_one(
+                "SELECT d.device_id, k.keys_json FROM local_devices d"
+                " LEFT JOIN local_device_keys k"
+                " ON k.user_id = d.user_id AND k.device_id = d.device_id"
+                " WHERE d.user_id = ? AND d.device_id = ?",
+                (user_id, device_id),
+            )
+            if stored is None:
+                raise UnknownDeviceError(user_id, device_id)
+            if stored[1] == text:
+                return None
+            return self._set_device_keys(t, user_id, device_id, text, now_ms, destinations)
+
+        return self.database.run("set_device_keys", txn)
+
+    def _set_device_keys(
+        self,
+        t: Txn,
+        user_id: str,
+        device_id: str,
+        text: str,
+        now_ms: int,
+        destinations: Collection[str],
+    ) -> int:
+        stream_id = self._allocate_stream_id(t, user_id)
+        if not self._device_exists(t, user_id, device_id):
+            raise UnknownDeviceError(user_id, device_id)
+        t.execute(
+            "INSERT INTO local_device_keys (user_id, device_id, keys_json, updated_ts)"
+            " VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (user_id, device_id) DO UPDATE SET"
+            " keys_json = excluded.keys_json, updated_ts = excluded.updated_ts",
+            (user_id, device_id, text, now_ms),
+        )
+        self._log_change(t, user_id, stream_id, device_id, KIND_DEVICE, now_ms, destinations)
+        return stream_id
 
     def update_device_last_seen(
         self, user_id: str, device_id: str, now_ms: int
@@ -1131,7 +1170,9 @@ class Store:
     # (devicelist_plugin/replication/sender.py)
     # ------------------------------------------------------------------
 
-    def get_outbound_batch(self, destination: str, limit: int) -> "Deferred[PendingBatch]":
+    def get_outbound_batch(
+        self, destination: str, limit: int, *, with_devices: bool = False
+    ) -> "Deferred[PendingBatch]":
         if limit < 1:
             return fail(ValueError("limit must be at least 1"))
 
@@ -1161,7 +1202,26 @@ class Store:
                     (destination,),
                 )
             }
-            return PendingBatch(tuple(rows), unreferenced, resets)
+            if not with_devices:
+                return PendingBatch(tuple(rows), unreferenced, resets)
+            wanted: dict[str, set[str]] = {}
+            for row in rows:
+                if row.device_id is not None:
+                    wanted.setdefault(row.user_id, set()).add(row.device_id)
+            names: dict[str, dict[str, Optional[str]]] = {}
+            for user_id, device_ids in sorted(wanted.items()):
+                names[user_id] = {}
+                for chunk in _chunks(sorted(device_ids)):
+                    for device_id, name in t.query(
+                        "SELECT device_id, display_name FROM local_devices"
+                        f" WHERE user_id = ? AND device_id IN ({_marks(len(chunk))})",
+                        [user_id, *chunk],
+                    ):
+                        names[user_id][device_id] = name
+            device_keys = self._read_user_keys(
+                t, {u: tuple(ids) for u, ids in wanted.items()}, {}, None
+            )
+            return PendingBatch(tuple(rows), unreferenced, resets, device_keys, names)
 
         return self.database.run("get_outbound_batch", txn, readonly=True)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional, Union
 
 from devicelist_plugin.core.models import CrossSigningKey, DeviceListUpdate, RemoteDevice
@@ -141,6 +141,12 @@ class PendingBatch:
     # a chain reset, whether or not in ``rows``), each with the stream id an
     # EDU must reach to end the restart (None until prepared)
     resets: Mapping[str, Optional[int]]
+    # read with ``with_devices``: for each user of the device rows, its keys
+    # as other servers see them (only devices of the rows; see
+    # LocalUserKeys) ...
+    device_keys: Mapping[str, LocalUserKeys] = field(default_factory=dict)
+    # ... and the display name of each of those devices that still exists
+    device_names: Mapping[str, Mapping[str, Optional[str]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

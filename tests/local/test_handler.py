@@ -132,6 +132,14 @@ class DeviceTests(HandlerCase):
             self.handler.upload_one_time_keys(ALICE, "NOPE", {}),
             self.handler.upload_fallback_keys(ALICE, "NOPE", {"a:F": "k"}),
             self.handler.upload_fallback_keys(ALICE, "NOPE", {}),
+            # each shape of /keys/upload checks the device, whichever parts it has
+            self.handler.upload_keys(ALICE, "NOPE", {}),
+            self.handler.upload_keys(ALICE, "NOPE", {"one_time_keys": {}, "fallback_keys": {}}),
+            self.handler.upload_keys(ALICE, "NOPE", {"one_time_keys": {"a:A": "k"}}),
+            self.handler.upload_keys(ALICE, "NOPE", {"fallback_keys": {"a:F": "k"}}),
+            self.handler.upload_keys(
+                ALICE, "NOPE", {"device_keys": ClientDevice(ALICE, "NOPE").device_keys()}
+            ),
         ):
             self.assertMatrixError(d, 404, M_NOT_FOUND, "Unknown device 'NOPE'")
         self.assertEqual(self.successResultOf(self.store.get_max_stream_id(ALICE)), 1)
@@ -663,6 +671,111 @@ class ListenerTests(HandlerCase):
         self.handler.add_change_listener(listener)
         self.successResultOf(self.handler.create_device(ALICE, "D1"))
         self.assertEqual(observed, [1])
+
+
+class QueuedListenerTests(HandlerCase):
+    """What the sender hears after a commit: the servers a change was queued
+    for, before anything else is read or written."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        share_room(self.membership, ALICE, "a.example")
+        share_room(self.membership, ALICE, "c.example")
+        self.calls: list[tuple[Any, ...]] = []
+        self.handler.add_queued_listener(lambda u, dests: self.calls.append(("queued", u, dests)))
+        self.handler.add_change_listener(lambda u, s, d: self.calls.append(("change", u, s, d)))
+
+    def test_destinations_then_change(self) -> None:
+        self.successResultOf(self.handler.create_device(ALICE, "D1"))
+        self.assertEqual(
+            self.calls,
+            [
+                ("queued", ALICE, frozenset({"a.example", "c.example"})),
+                ("change", ALICE, 1, ("D1",)),
+            ],
+        )
+
+    def test_nobody_to_send_to_is_not_a_queued_call(self) -> None:
+        self.successResultOf(self.handler.create_device(BOB, "D1"))
+        self.assertEqual(self.calls, [("change", BOB, 1, ("D1",))])
+
+    def test_heard_before_the_store_is_read_again(self) -> None:
+        reads: list[str] = []
+        original = self.membership.servers_sharing_room
+
+        def counting(user_id: str) -> Any:
+            reads.append(user_id)
+            return original(user_id)
+
+        self.patch(self.membership, "servers_sharing_room", counting)
+        self.handler.add_queued_listener(lambda u, dests: self.calls.append(("reads", len(reads))))
+        self.successResultOf(self.handler.create_device(ALICE, "D1"))
+        # one read chose the destinations; the re-check for servers that
+        # came meanwhile comes after the listeners
+        self.assertIn(("reads", 1), self.calls)
+        self.assertEqual(len(reads), 2)
+
+    def test_a_server_that_came_meanwhile_is_queued_and_heard_again(self) -> None:
+        original = self.membership.servers_sharing_room
+        reads: list[str] = []
+
+        def joins_during_the_change(user_id: str) -> Any:
+            # the first read (destinations of the change) misses d.example,
+            # which joins before the change commits
+            reads.append(user_id)
+            if len(reads) == 1:
+                d = original(user_id)
+                share_room(self.membership, ALICE, "d.example")
+                return d
+            return original(user_id)
+
+        self.patch(self.membership, "servers_sharing_room", joins_during_the_change)
+        self.successResultOf(self.handler.create_device(ALICE, "D1"))
+        self.assertEqual(
+            self.calls,
+            [
+                ("queued", ALICE, frozenset({"a.example", "c.example"})),
+                ("change", ALICE, 1, ("D1",)),
+                ("queued", ALICE, frozenset({"d.example"})),
+                ("change", ALICE, 1, ("D1",)),
+            ],
+        )
+        self.assertEqual(
+            self.successResultOf(self.store.get_pending("d.example", 10)),
+            [PendingRow(ALICE, "D1", 1)],
+        )
+
+    def test_failing_queued_listener_never_fails_the_change(self) -> None:
+        def raises(user_id: str, destinations: frozenset[str]) -> None:
+            raise RuntimeError("listener bug")
+
+        self.handler.add_queued_listener(raises)
+        self.assertEqual(self.successResultOf(self.handler.create_device(ALICE, "D1")), 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.handler.remove_queued_listener(raises)
+        self.successResultOf(self.handler.create_device(ALICE, "D2"))
+        self.assertEqual(self.flushLoggedErrors(RuntimeError), [])
+
+
+class KeysAloneUploadTests(HandlerCase):
+    def test_no_one_time_key_write_without_one_time_keys(self) -> None:
+        self.successResultOf(self.handler.create_device(ALICE, "D1"))
+        writes: list[object] = []
+        original = self.store.add_one_time_keys
+
+        def counting(*args: Any) -> Any:
+            writes.append(args)
+            return original(*args)
+
+        self.patch(self.store, "add_one_time_keys", counting)
+        body = {"device_keys": ClientDevice(ALICE, "D1").device_keys()}
+        result = self.successResultOf(self.handler.upload_keys(ALICE, "D1", body))
+        self.assertEqual(result, {"one_time_key_counts": {}})
+        self.assertEqual(writes, [])
+        self.successResultOf(
+            self.handler.upload_keys(ALICE, "D1", {"one_time_keys": {"a:A": "k"}})
+        )
+        self.assertEqual(len(writes), 1)
 
 
 class AnswerCacheTests(HandlerCase):

@@ -290,6 +290,160 @@ class FakeClientCase(SynchronousTestCase):
         ]
 
 
+class ImmediateSendTests(FakeClientCase):
+    """A change reaches an idle destination at its commit: no timer, no
+    coalescing delay, and no store read that the sender can know the answer
+    of."""
+
+    def count_reads(self, *names: str) -> dict[str, int]:
+        counts = {name: 0 for name in names}
+        for name in names:
+            original = getattr(self.store, name)
+
+            def counting(
+                *args: Any, _name: str = name, _original: Any = original, **kwargs: Any
+            ) -> Any:
+                counts[_name] += 1
+                return _original(*args, **kwargs)
+
+            self.patch(self.store, name, counting)
+        return counts
+
+    def test_sent_at_the_commit_without_a_timer(self) -> None:
+        sender = self.sender()
+        self.successResultOf(self.handler.create_device(ALICE, "PHONE"))
+        # the simulated clock never moved: both requests went out at the commit
+        self.assertEqual(sorted(d for d, _, _ in self.client.calls), [S, T])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(sender.transactions_sent, 2)
+
+    def test_a_change_wakes_its_destinations_without_reading_them(self) -> None:
+        self.sender()
+        names = ("destinations_pending_for_user", "get_inflight_txn", "get_outbound_batch",
+                 "get_local_user_keys", "get_device")
+        reads = self.count_reads(*names)
+        self.successResultOf(self.handler.create_device(ALICE, "PHONE"))
+        # the first transaction to each destination reads its in-flight one;
+        # each reads its rows with their devices' state at once (and once
+        # more after the answer: nothing left)
+        self.assertEqual(list(reads.values()), [0, 2, 4, 0, 0])
+        self.successResultOf(self.handler.rename_device(ALICE, "PHONE", "mine"))
+        # acknowledged by this sender: known to have none
+        self.assertEqual(list(reads.values()), [0, 2, 8, 0, 0])
+        self.assertEqual(len(self.client.calls), 4)
+        self.assertEqual(self.successResultOf(self.store.destinations_to_send()), [])
+        self.successResultOf(self.handler.delete_device(ALICE, "PHONE"))
+        self.assertEqual(
+            [(e.get("device_display_name"), e.get("deleted")) for e in self.edus_to(S)],
+            [(None, None), (None, None), (None, True)],
+        )
+
+    def test_a_failed_transaction_is_sent_again_unchanged(self) -> None:
+        self.sender(owns_destination=lambda d: d == S)
+        self.client.errors = [RequestSendFailed("refused", True)]
+        self.successResultOf(self.handler.create_device(ALICE, "PHONE"))
+        self.successResultOf(self.handler.rename_device(ALICE, "PHONE", "mine"))
+        self.assertEqual(len(self.client.calls), 1)
+        self.clock.advance(backoff_delays(1)[0])
+        self.assertEqual(len(self.client.calls), 3)
+        # the retry is the persisted transaction (same txnId and body), then
+        # the rename follows in a new one
+        self.assertEqual(self.client.calls[0][1:], self.client.calls[1][1:])
+        self.assertNotEqual(self.client.calls[1][1], self.client.calls[2][1])
+        self.assertEqual(self.successResultOf(self.store.get_pending(S, 10)), [])
+
+    def gate_persisting(self) -> "list[Deferred[None]]":
+        gates: "list[Deferred[None]]" = []
+        original = self.store.begin_outbound_transaction
+
+        def gated(*args: Any) -> "Deferred[None]":
+            gate: "Deferred[None]" = Deferred()
+            gates.append(gate)
+            return gate.addCallback(lambda _: original(*args))
+
+        self.patch(self.store, "begin_outbound_transaction", gated)
+        return gates
+
+    def test_sent_while_persisting_and_acknowledged_after(self) -> None:
+        self.sender(owns_destination=lambda d: d == S)
+        gates = self.gate_persisting()
+        self.successResultOf(self.handler.create_device(ALICE, "PHONE"))
+        # the request went out before the in-flight transaction committed
+        self.assertEqual(len(self.client.calls), 1)
+        self.assertEqual(len(gates), 1)
+        # its answer waits for the commit: nothing acknowledged yet
+        self.assertEqual(len(self.successResultOf(self.store.get_pending(S, 10))), 1)
+        gates[0].callback(None)
+        self.assertEqual(self.successResultOf(self.store.get_pending(S, 10)), [])
+        self.assertIsNone(self.successResultOf(self.store.get_inflight_txn(S)))
+
+    def test_a_failure_answered_before_the_commit_resends_the_persisted_one(self) -> None:
+        self.sender(owns_destination=lambda d: d == S)
+        gates = self.gate_persisting()
+        self.client.errors = [RequestSendFailed("refused", True)]
+        self.successResultOf(self.handler.create_device(ALICE, "PHONE"))
+        gates[0].callback(None)
+        inflight = self.successResultOf(self.store.get_inflight_txn(S))
+        assert inflight is not None
+        self.clock.advance(backoff_delays(1)[0])
+        self.assertEqual(len(self.client.calls), 2)
+        self.assertEqual(self.client.calls[1][1], SEND_PREFIX + inflight.txn_id)
+        self.assertEqual(self.successResultOf(self.store.get_pending(S, 10)), [])
+
+    def test_a_failed_commit_loses_nothing(self) -> None:
+        self.sender(owns_destination=lambda d: d == S)
+        gates = self.gate_persisting()
+        self.client.errors = [RequestSendFailed("refused", True)]
+        self.successResultOf(self.handler.create_device(ALICE, "PHONE"))
+        gates[0].errback(RuntimeError("disk full"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertIsNone(self.successResultOf(self.store.get_inflight_txn(S)))
+        # the retry builds a new transaction from the rows still pending
+        self.clock.advance(backoff_delays(1)[0])
+        gates[1].callback(None)
+        self.assertEqual(len(self.client.calls), 2)
+        self.assertNotEqual(self.client.calls[0][1], self.client.calls[1][1])
+        self.assertEqual([e["device_id"] for e in self.edus_to(S)], ["PHONE", "PHONE"])
+        self.assertEqual(self.successResultOf(self.store.get_pending(S, 10)), [])
+
+    def test_stop_waits_for_the_commit_of_a_transaction_it_did_not_send(self) -> None:
+        sender = self.sender(owns_destination=lambda d: d == S)
+        gates = self.gate_persisting()
+        original = self.store.get_outbound_batch
+
+        def stops_meanwhile(*args: Any, **kwargs: Any) -> Any:
+            # the sender is stopped while it builds the transaction
+            stopped.append(sender.stop())
+            return original(*args, **kwargs)
+
+        stopped: "list[Deferred[None]]" = []
+        self.patch(self.store, "get_outbound_batch", stops_meanwhile)
+        self.successResultOf(self.handler.create_device(ALICE, "PHONE"))
+        self.assertEqual(self.client.calls, [])
+        self.assertNoResult(stopped[0])
+        gates[0].callback(None)
+        self.successResultOf(stopped[0])
+        self.assertIsNotNone(self.successResultOf(self.store.get_inflight_txn(S)))
+
+    def test_restart_reads_the_in_flight_transaction_again(self) -> None:
+        sender = self.sender(owns_destination=lambda d: d == S)
+        self.successResultOf(self.handler.create_device(ALICE, "PHONE"))
+        self.successResultOf(sender.stop())
+        # a transaction left in flight meanwhile (by another run sharing
+        # the database) is what the restarted sender sends first
+        self.successResultOf(self.handler.rename_device(ALICE, "PHONE", "mine"))
+        body = {"origin": A, "origin_server_ts": 0, "pdus": [], "edus": []}
+        payload = {"version": 1, "body": body, "sent": [], "unreferenced_after": {},
+                   "restarted": []}
+        self.successResultOf(self.store.begin_outbound_transaction(S, "left", payload, ()))
+        self.successResultOf(sender.start())
+        self.assertEqual([path.rsplit("/", 1)[1] for _, path, _ in self.client.calls[1:2]],
+                         ["left"])
+        self.assertEqual(len(self.client.calls), 3)
+        self.assertIsNone(self.successResultOf(self.store.get_inflight_txn(S)))
+        self.assertEqual(self.successResultOf(self.store.get_pending(S, 10)), [])
+
+
 class ShardingAndPollingTests(FakeClientCase):
     def test_only_owned_destinations_are_served(self) -> None:
         self.sender(owns_destination=lambda d: d == T)

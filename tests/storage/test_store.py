@@ -344,6 +344,25 @@ class StoreTestsMixin(_Base):
         self.assertEqual(await store.get_max_stream_id(ALICE), 1)
         self.assertEqual(await store.create_device(ALICE, "D2", None, 1002, DESTS), 2)
 
+    async def test_set_device_keys_if_changed(self) -> None:
+        store = await self.store()
+        await store.create_device(ALICE, "D1", None, 1000, ())
+        keys = {"user_id": ALICE, "device_id": "D1", "keys": {"ed25519:D1": "x"}}
+        with self.assertRaises(UnknownDeviceError):
+            await store.set_device_keys_if_changed(ALICE, "NOPE", keys, 1001, DESTS)
+        self.assertEqual(await store.set_device_keys_if_changed(ALICE, "D1", keys, 1001, DESTS), 2)
+        # the same object again (in another key order): nothing written, no id taken
+        same = dict(reversed(list(keys.items())))
+        self.assertIsNone(await store.set_device_keys_if_changed(ALICE, "D1", same, 1002, DESTS))
+        self.assertEqual(await store.get_max_stream_id(ALICE), 2)
+        other = {**keys, "keys": {"ed25519:D1": "y"}}
+        self.assertEqual(await store.set_device_keys_if_changed(ALICE, "D1", other, 1003, DESTS), 3)
+        self.assertEqual((await store.get_device(ALICE, "D1")).keys_json, other)  # type: ignore[union-attr]
+        self.assertEqual(
+            [(r.user_id, r.device_id, r.stream_id) for r in await store.get_pending(DESTS[0], 10)],
+            [(ALICE, "D1", 3)],
+        )
+
     async def test_delete_device_removes_its_keys(self) -> None:
         store = await self.store()
         await store.create_device(ALICE, "D1", None, 1000, ())
