@@ -8,7 +8,10 @@ ratio, and writes everything as JSON.  Scenarios (``--only``, repeatable):
 ``serve``
     ``GET /user/devices`` and ``POST /user/keys/query`` of a local user with
     10 devices, signed (one precomputed X-Matrix header per request kind),
-    driven by ``wrk`` at concurrency 1 and 16: requests/s, p50, p99.
+    driven by ``wrk`` at concurrency 1 and 16: requests/s, p50, p99; each
+    run ``--rounds`` times (3), the two servers alternating, and each figure
+    the median of its rounds (the machine's noise moves single runs by a
+    quarter).
 ``inbound``
     A fake origin server (``bench/fake_peer.py``) whose 200 users share a
     room with the target's local user (ours: admin API; Synapse:
@@ -132,15 +135,32 @@ def scenario_serve(targets: Sequence[Target], peer: FakeServer,
     out: dict[str, Results] = {t.label: {} for t in targets}
     for name in ("user_devices", "keys_query"):
         for c, threads in ((1, 1), (16, 2)):
-            for target, prepared in plans:
-                method, uri, body, headers = prepared[name]
-                url = f"https://127.0.0.1:{target.server.federation_port}{uri}"
-                with Profiler(args.profile if c == 16 else None, target, f"{name}-c16"):
-                    r = run_wrk(url, method, body, headers, c, args.seconds, threads)
-                log(f"{target.label} {name} c={c}: {r.rps:.0f} req/s p50 {r.p50_ms:.2f} ms "
-                    f"p99 {r.p99_ms:.2f} ms non-2xx {r.non_2xx} errors {r.socket_errors}")
-                out[target.label][f"{name}_c{c}"] = r.as_json()
+            rounds: dict[str, list[dict[str, Any]]] = {t.label: [] for t, _ in plans}
+            for round_ in range(args.rounds):
+                for target, prepared in plans:
+                    method, uri, body, headers = prepared[name]
+                    url = f"https://127.0.0.1:{target.server.federation_port}{uri}"
+                    profile = args.profile if c == 16 and round_ == 0 else None
+                    with Profiler(profile, target, f"{name}-c16"):
+                        r = run_wrk(url, method, body, headers, c, args.seconds, threads)
+                    log(f"{target.label} {name} c={c}: {r.rps:.0f} req/s p50 {r.p50_ms:.2f} ms "
+                        f"p99 {r.p99_ms:.2f} ms non-2xx {r.non_2xx} errors {r.socket_errors}")
+                    rounds[target.label].append(r.as_json())
+            for label, runs in rounds.items():
+                out[label][f"{name}_c{c}"] = _median_run(runs)
     return out
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure's median over the rounds (and every round's, under ``rounds``)."""
+    merged: dict[str, Any] = {
+        key: statistics.median(run[key] for run in runs)
+        for key in ("rps", "p50_ms", "p99_ms")
+    }
+    merged["non_2xx"] = sum(run["non_2xx"] for run in runs)
+    merged["socket_errors"] = sum(run["socket_errors"] for run in runs)
+    merged["rounds"] = runs
+    return merged
 
 
 class Profiler:
@@ -510,6 +530,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--only", action="append", choices=SCENARIOS)
     parser.add_argument("--servers", action="append", choices=("ours", "synapse"))
     parser.add_argument("--seconds", type=int, default=10, help="wrk duration per run")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="serve: runs per figure and server, alternating; medians reported")
     parser.add_argument("--users", type=int, default=200)
     parser.add_argument("--edus", type=int, default=20000)
     parser.add_argument("--repeat", type=int, default=20, help="latency samples")
