@@ -116,6 +116,8 @@ class Dialect(abc.ABC):
     name: str = ""
     # appended to a SELECT that must lock the rows it reads
     for_update: str = ""
+    # "FOR SHARE": readers together, writers kept out
+    for_share: str = ""
     # appended to a SELECT that takes rows no concurrent transaction holds
     for_update_skip_locked: str = ""
     # ``${NAME}`` substitutions in the schema files
@@ -204,6 +206,7 @@ _PG_RETRYABLE = frozenset({"40001", "40P01"})  # serialization_failure, deadlock
 class PostgresDialect(Dialect):
     name = "postgres"
     for_update = " FOR UPDATE"
+    for_share = " FOR SHARE"
     for_update_skip_locked = " FOR UPDATE SKIP LOCKED"
     substitutions = {
         "BIGSERIAL_PRIMARY_KEY": "BIGSERIAL PRIMARY KEY",

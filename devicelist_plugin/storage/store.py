@@ -99,6 +99,18 @@ def _chunks(items: Sequence[_T], size: int = _CHUNK) -> Iterable[Sequence[_T]]:
         yield items[start : start + size]
 
 
+def _snapshot_recorded(row: Sequence[Any], stream_id: int) -> bool:
+    """Whether an ``outbound_unreferenced`` row (``stream_ids_json``,
+    ``snapshot_stream_id``) needs no change for a snapshot served at
+    ``stream_id``: the destination acknowledged a later EDU, or this
+    snapshot is recorded and nothing was sent since (an unchanged row is no
+    write, and on SQLite no commit to sync)."""
+    ids = [int(i) for i in loads(row[0])]
+    if any(i > stream_id for i in ids):
+        return True
+    return ids == [stream_id] and row[1] is not None and int(row[1]) == stream_id
+
+
 def _known_ids_text(stream_ids: Iterable[int]) -> str:
     """``remote_sync_state.known_stream_ids``: decimal ids, comma-separated."""
     return ",".join(str(stream_id) for stream_id in stream_ids)
@@ -842,8 +854,9 @@ class Store:
         self, t: Txn, user_id: str, destination: Optional[str], known_stream_id: Optional[int]
     ) -> Optional[LocalUserKeys]:
         # Holding the user's position row keeps every change of the user
-        # (they all take it first) out until this snapshot is read.
-        lock = t.dialect.for_update if destination is not None else ""
+        # (they all take it first, exclusively) out until this snapshot is
+        # read; shared, so that concurrent snapshots do not wait on each other.
+        lock = t.dialect.for_share if destination is not None else ""
         row = t.query_one(
             f"SELECT pos FROM local_stream_positions WHERE user_id = ?{lock}", (user_id,)
         )
@@ -893,18 +906,19 @@ class Store:
             " AND kind = ? AND stream_id <= ?",
             (destination, user_id, KIND_DEVICE, stream_id),
         )
-        row = t.query_one(
+        sql = (
             "SELECT stream_ids_json, snapshot_stream_id FROM outbound_unreferenced"
-            f" WHERE destination = ? AND user_id = ?{t.dialect.for_update}",
-            (destination, user_id),
+            " WHERE destination = ? AND user_id = ?"
         )
-        if row is not None:
-            ids = [int(i) for i in loads(row[0])]
-            if any(i > stream_id for i in ids):
-                return
-            if ids == [stream_id] and row[1] is not None and int(row[1]) == stream_id:
-                # served this snapshot before and nothing sent since: an
-                # unchanged row is no write (and, on SQLite, no commit to sync)
+        # read unlocked first: the usual answer, "served this snapshot before
+        # and nothing sent since", writes nothing, and concurrent requests of
+        # one server for one user must not queue on the row's lock for it
+        row = t.query_one(sql, (destination, user_id))
+        if row is not None and _snapshot_recorded(row, stream_id):
+            return
+        if t.dialect.for_update:
+            row = t.query_one(sql + t.dialect.for_update, (destination, user_id))
+            if row is not None and _snapshot_recorded(row, stream_id):
                 return
         t.execute(
             "INSERT INTO outbound_unreferenced"

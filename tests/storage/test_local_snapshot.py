@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from devicelist_plugin.storage import Store
@@ -384,3 +386,29 @@ class SQLiteInlineLocalKeysTests(SQLiteLocalKeysTests):
 
 class PostgresLocalKeysTests(PostgresStoreCase, LocalKeysStoreTestsMixin):
     """PostgreSQL, a fresh database per test, a pool of five connections."""
+
+    async def test_concurrent_snapshots_do_not_queue_on_the_users_row(self) -> None:
+        """Many servers (or one, many times) fetching one user's list hold
+        its position row shared: a snapshot waits for changes, not for
+        other snapshots."""
+        store = await self.store()
+        await self.device_with_keys(store, ALICE, "D1", "one", (DEST,))
+        await store.get_user_devices_snapshot(ALICE, DEST)
+        holding, release, ended = threading.Event(), threading.Event(), threading.Event()
+
+        def held(t: Txn) -> None:
+            store._user_devices_snapshot(t, ALICE, DEST, None)
+            holding.set()
+            release.wait(10)
+            ended.set()
+
+        first = store.database.run("held snapshot", held)
+        try:
+            await deferToThread(holding.wait, 30)
+            snapshot = await store.get_user_devices_snapshot(ALICE, DEST)
+            # it finished while the first still held the row
+            self.assertFalse(ended.is_set())
+            self.assertEqual([d.device_id for d in snapshot.devices], ["D1"])
+        finally:
+            release.set()
+            await first
