@@ -833,6 +833,7 @@ class RemoteDeviceListUpdater:
                 batches.append(
                     RemoteBatch(user_id, (), None, frozenset(), None, self._entries(new, now_ms))
                 )
+                self.stats["edu_queued"] += len(new)
                 continue
             plan = self._plan_batch(user_id, inbox.state, inbox.entries, new, now_ms)
             plans[user_id] = plan
@@ -840,8 +841,6 @@ class RemoteDeviceListUpdater:
                 batches.append(plan.batch)
         results = await self._store.apply_remote_batches(batches, now_ms)
         by_batch = {b.user_id: r for b, r in zip(batches, results)}
-        for update in (u for new in by_user.values() for u in new):
-            self.stats["edu_queued"] += 1
         for user_id, plan in plans.items():
             slot = self._slot(user_id)
             sync = inboxes[user_id].state
@@ -1019,6 +1018,7 @@ class RemoteDeviceListUpdater:
             fresh[update.stream_id] = update
             received[update.stream_id] = now_ms / 1000.0
             updates.append(update)
+            self.stats["edu_queued"] += 1
         now = self._clock.seconds()
         allow_hold = now < min(received.values()) + self.config.hold_grace
         decision = decide(

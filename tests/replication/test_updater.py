@@ -585,13 +585,17 @@ class TransactionTogetherTests(InboundCase):
     def test_idle_users_are_committed_together(self) -> None:
         u1 = self.users[0]
         edus = [user.edu("D2", name="two") for user in self.users] + [u1.edu("D3")]
-        self.deliver(self.s, edus)
+        self.deliver(self.s, edus + [edus[-1]])  # (the last one twice)
         self.assertEqual(self.commits, [[u.user_id for u in self.users]])
         for user in self.users:
             self.assertEqual(self.a.cached_devices(user.user_id)["D2"].display_name, "two")
         self.assertIn("D3", self.a.cached_devices(u1.user_id))
         self.assertEqual(self.fetches(), 4)
         self.assertEqual(self.a.updater.stats["apply:prev_known"], 5)
+        # every EDU counted once: four first contacts and these five taken,
+        # the copy as such
+        self.assertEqual(self.a.updater.stats["edu_queued"], 9)
+        self.assertEqual(self.a.updater.stats["edu_already_queued"], 1)
 
     def test_a_busy_user_takes_its_edus_in_its_own_worker(self) -> None:
         u1, u2, u3, _ = self.users
