@@ -23,13 +23,13 @@ differences that come with a database:
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, Collection, Protocol
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 
 from devicelist_plugin.core.parse import ParseError, split_user_id
+from devicelist_plugin.listeners import call_listener
 from devicelist_plugin.membership import MembershipListener
 
 __all__ = ["MembershipStore", "StoreMembership"]
@@ -117,20 +117,16 @@ class StoreMembership:
     async def _notify(self, call: Callable[[MembershipListener], object]) -> None:
         waiting: list[Deferred[Any]] = []
         for listener in list(self._listeners):
-            try:
-                result = call(listener)
-            except Exception:
-                self.log.failure("membership listener {listener!r} failed", listener=listener)
-                continue
-            if inspect.iscoroutine(result):
-                result = Deferred.fromCoroutine(result)
-            if isinstance(result, Deferred):
-                waiting.append(result.addErrback(self._listener_failed, listener))
+            d = call_listener(
+                self.log,
+                lambda: call(listener),
+                "membership listener {listener!r} failed",
+                listener=listener,
+            )
+            if d is not None:
+                waiting.append(d)
         if waiting:
             await gatherResults(waiting)
-
-    def _listener_failed(self, failure: Any, listener: MembershipListener) -> None:
-        self.log.failure("membership listener {listener!r} failed", failure, listener=listener)
 
 
 def _check(room_id: str, user_id: str) -> None:

@@ -12,15 +12,12 @@ may be sent; any valid one authenticates.  Every failure is 401
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Awaitable, Callable, Coroutine, Protocol, Sequence
 
 from signedjson.key import is_signing_algorithm_supported
 from signedjson.types import VerifyKey
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from devicelist_plugin.federation.errors import (
     M_BAD_JSON,
@@ -36,6 +33,7 @@ from devicelist_plugin.federation.xmatrix import (
     parse_xmatrix_header,
     verify_request_signature,
 )
+from devicelist_plugin.listeners import call_listener
 
 ContactListener = Callable[[str], object]
 
@@ -127,27 +125,13 @@ class FederationAuthenticator:
 
     def _notify_contact(self, origin: str) -> None:
         for listener in list(self._contact_listeners):
-            try:
-                result = listener(origin)
-            except Exception:
-                self.log.failure(
-                    "Contact listener {listener!r} failed for {origin}",
-                    listener=listener,
-                    origin=origin,
-                )
-                continue
-            if inspect.iscoroutine(result):
-                result = Deferred.fromCoroutine(result)
-            if isinstance(result, Deferred):
-                result.addErrback(self._log_listener_failure, listener, origin)
-
-    def _log_listener_failure(self, failure: Failure, listener: ContactListener, origin: str) -> None:
-        self.log.failure(
-            "Contact listener {listener!r} failed for {origin}",
-            failure,
-            listener=listener,
-            origin=origin,
-        )
+            call_listener(
+                self.log,
+                lambda: listener(origin),
+                "Contact listener {listener!r} failed for {origin}",
+                listener=listener,
+                origin=origin,
+            )
 
 
 def check_origin_matches(authenticated_origin: str, claimed: object) -> None:

@@ -52,7 +52,6 @@ served again instead of being decoded, rebuilt and encoded.
 
 from __future__ import annotations
 
-import inspect
 from collections import OrderedDict
 from typing import (
     Any,
@@ -71,7 +70,6 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from devicelist_plugin.core.models import (
@@ -105,6 +103,7 @@ from devicelist_plugin.federation.errors import (
     M_NOT_FOUND,
     MatrixError,
 )
+from devicelist_plugin.listeners import call_listener
 from devicelist_plugin.local.serving import (
     EncodedUserKeys,
     cross_signing_key_json,
@@ -406,31 +405,10 @@ class LocalDeviceHandler:
         user_id: str,
         stream_id: Optional[int],
     ) -> None:
-        try:
-            result = listener(*args)
-        except Exception:
-            self.log.failure(
-                "Change listener {listener!r} failed for {user_id} at {stream_id}",
-                listener=listener,
-                user_id=user_id,
-                stream_id=stream_id,
-            )
-            return
-        if inspect.iscoroutine(result):
-            result = Deferred.fromCoroutine(result)
-        if isinstance(result, Deferred):
-            result.addErrback(self._listener_failed, listener, user_id, stream_id)
-
-    def _listener_failed(
-        self,
-        failure: Failure,
-        listener: Callable[..., object],
-        user_id: str,
-        stream_id: Optional[int],
-    ) -> None:
-        self.log.failure(
+        call_listener(
+            self.log,
+            lambda: listener(*args),
             "Change listener {listener!r} failed for {user_id} at {stream_id}",
-            failure,
             listener=listener,
             user_id=user_id,
             stream_id=stream_id,

@@ -97,7 +97,6 @@ from __future__ import annotations
 
 import enum
 import heapq
-import inspect
 import random
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -140,6 +139,7 @@ from devicelist_plugin.federation.client import (
     ResponseTooLargeError,
 )
 from devicelist_plugin.federation.errors import M_UNRECOGNIZED
+from devicelist_plugin.listeners import call_listener
 from devicelist_plugin.local.handler import CpuRunner, run_inline
 from devicelist_plugin.membership import MembershipSource, tracked_among
 from devicelist_plugin.replication.inbound_concurrency import (
@@ -1494,27 +1494,13 @@ class RemoteDeviceListUpdater:
 
     def _notify(self, change: RemoteDeviceListChange) -> None:
         for listener in list(self._listeners):
-            try:
-                result = listener(change)
-            except Exception:
-                self.log.failure(
-                    "Device-list listener {listener!r} failed for {user_id}",
-                    listener=listener,
-                    user_id=change.user_id,
-                )
-                continue
-            if inspect.iscoroutine(result):
-                result = Deferred.fromCoroutine(result)
-            if isinstance(result, Deferred):
-                result.addErrback(self._listener_failed, listener, change.user_id)
-
-    def _listener_failed(self, failure: Failure, listener: ChangeListener, user_id: str) -> None:
-        self.log.failure(
-            "Device-list listener {listener!r} failed for {user_id}",
-            failure,
-            listener=listener,
-            user_id=user_id,
-        )
+            call_listener(
+                self.log,
+                lambda: listener(change),
+                "Device-list listener {listener!r} failed for {user_id}",
+                listener=listener,
+                user_id=change.user_id,
+            )
 
 
 def _server_or_none(user_id: str) -> Optional[str]:
