@@ -1526,21 +1526,9 @@ class Store:
             readonly=True,
         )
 
-    @staticmethod
-    def _is_user_tracked(t: Txn, user_id: str, own_server_name: str) -> bool:
-        row = t.query_one(
-            "SELECT 1 FROM room_memberships a"
-            " JOIN room_memberships b ON b.room_id = a.room_id"
-            " WHERE a.user_id = ? AND b.server_name = ? LIMIT 1",
-            (user_id, own_server_name),
-        )
-        return row is not None
-
     def is_user_tracked(self, user_id: str, own_server_name: str) -> "Deferred[bool]":
-        return self.database.run(
-            "is_user_tracked",
-            lambda t: self._is_user_tracked(t, user_id, own_server_name),
-            readonly=True,
+        return self.get_tracked_users([user_id], own_server_name).addCallback(
+            lambda tracked: user_id in tracked
         )
 
     def get_tracked_users(
@@ -2094,22 +2082,26 @@ class Store:
         return row is not None
 
     @staticmethod
-    def _read_remote_inbox(t: Txn, user_id: str) -> list[QueuedUpdate]:
-        rows = t.query(
-            "SELECT stream_id, content_json, received_ts FROM remote_device_inbox"
-            " WHERE user_id = ? ORDER BY stream_id",
-            (user_id,),
-        )
-        return [
-            QueuedUpdate(user_id, int(stream_id), text, int(received))
-            for stream_id, text, received in rows
-        ]
+    def _read_remote_inboxes(t: Txn, user_ids: Sequence[str]) -> dict[str, list[QueuedUpdate]]:
+        """The queued EDUs of those of ``user_ids`` that have any, in stream id order."""
+        entries: dict[str, list[QueuedUpdate]] = {}
+        for chunk in _chunks(sorted(set(user_ids))):
+            rows = t.query(
+                "SELECT user_id, stream_id, content_json, received_ts FROM remote_device_inbox"
+                f" WHERE user_id IN ({_marks(len(chunk))}) ORDER BY user_id, stream_id",
+                chunk,
+            )
+            for user_id, stream_id, text, received in rows:
+                entries.setdefault(user_id, []).append(
+                    QueuedUpdate(user_id, int(stream_id), text, int(received))
+                )
+        return entries
 
     def get_remote_inbox(self, user_id: str) -> "Deferred[list[InboxEntry]]":
         def txn(t: Txn) -> list[InboxEntry]:
             return [
                 InboxEntry(user_id, e.stream_id, loads(e.content_json), e.received_ts)
-                for e in self._read_remote_inbox(t, user_id)
+                for e in self._read_remote_inboxes(t, [user_id]).get(user_id, ())
             ]
 
         return self.database.run("get_remote_inbox", txn, readonly=True)
@@ -2122,17 +2114,7 @@ class Store:
 
         def txn(t: Txn) -> dict[str, RemoteInbox]:
             states = self._read_remote_sync_states(t, users)
-            entries: dict[str, list[QueuedUpdate]] = {}
-            for chunk in _chunks(users):
-                rows = t.query(
-                    "SELECT user_id, stream_id, content_json, received_ts FROM remote_device_inbox"
-                    f" WHERE user_id IN ({_marks(len(chunk))}) ORDER BY user_id, stream_id",
-                    chunk,
-                )
-                for user_id, stream_id, text, received in rows:
-                    entries.setdefault(user_id, []).append(
-                        QueuedUpdate(user_id, int(stream_id), text, int(received))
-                    )
+            entries = self._read_remote_inboxes(t, users)
             return {
                 user_id: RemoteInbox(states.get(user_id), tuple(entries.get(user_id, ())))
                 for user_id in users
